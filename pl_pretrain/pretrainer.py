@@ -1,0 +1,466 @@
+"""Pretrainer: collect parameter files into one folder, then load each into its object.
+
+The seed's API (SpeechBrain's ``speechbrain.utils.parameter_transfer.Pretrainer``) is kept name for
+name. What it adds: `collect_files(internal_ddp_handling=True)` runs the distributed protocol
+(one fetch per job or per node, the same mapping on every rank, a failure raised on every rank);
+`checksums` pin each file; `transfer_options` shape how a module's keys are loaded; and
+`load_collected` returns a `TransferReport` per loadable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import os
+import pathlib
+import uuid
+from typing import Any, Callable, Mapping, Union
+
+from pl_pretrain import distributed
+from pl_pretrain.errors import ConfigurationError, FetchError, PretrainerError, TransferError
+from pl_pretrain.fetching import (
+    RECORD_DIR,
+    Fetched,
+    FetchConfig,
+    FetchFrom,
+    FetchSource,
+    LocalStrategy,
+    check_file_name,
+    fetch_file,
+    file_sha256,
+    guess_source,
+    parse_checksum,
+    redact_url,
+)
+from pl_pretrain.transfer import (
+    DEFAULT_LOAD_HOOKS,
+    DEFAULT_TRANSFER_HOOKS,
+    TransferOptions,
+    TransferReport,
+    format_reports,
+    get_default_hook,
+    torch_parameter_transfer,
+)
+
+__all__ = ["Pretrainer", "PARAMFILE_EXT"]
+
+logger = logging.getLogger(__name__)
+
+PARAMFILE_EXT = ".ckpt"
+"""Every loadable is collected as ``<key>.ckpt``, whatever its source file is called."""
+
+Source = Union[str, os.PathLike, FetchSource]
+
+
+class Pretrainer:
+    """Collects parameter files into one folder, then runs a load hook for each object.
+
+    Args:
+        collect_in: folder where each loadable's file is placed as ``<key>.ckpt`` (a link or a copy,
+            by `LocalStrategy`). ``None`` places nothing: files are loaded from where they live
+            (source folder, Hub cache, or ``$PL_PRETRAIN_CACHE`` for URLs).
+        loadables: key -> object to load (a ``torch.nn.Module``, or anything with a hook).
+        paths: key -> ``"<source>/<file>"``: a local path, a URL, a Hub ``org/repo/file`` or a
+            `FetchSource`. Keys without a path take ``<default_source>/<key>.ckpt``.
+        custom_hooks: key -> ``hook(obj, path)``, used before any default hook.
+        conditions: key -> bool or zero-argument callable; a false condition skips fetch and load.
+        checksums: key -> ``"sha256:<hex>"``, verified after every fetch and before every load.
+        transfer_options: key -> `TransferOptions` (or a dict of its fields) for module transfers:
+            key mapping, shape policy, strictness, safe loading.
+
+    Example::
+
+        pt = Pretrainer(collect_in="ckpts", loadables={"encoder": model.encoder},
+                        paths={"encoder": "org/asr-model/encoder.ckpt"})
+        pt.collect_files()
+        pt.load_collected()
+    """
+
+    def __init__(
+        self,
+        collect_in: Union[str, os.PathLike, None] = "./model_checkpoints",
+        loadables: Mapping[str, Any] | None = None,
+        paths: Mapping[str, Source] | None = None,
+        custom_hooks: Mapping[str, Callable[..., Any]] | None = None,
+        conditions: Mapping[str, Any] | None = None,
+        *,
+        checksums: Mapping[str, str] | None = None,
+        transfer_options: Mapping[str, Union[TransferOptions, Mapping[str, Any]]] | None = None,
+    ) -> None:
+        self.loadables: dict[str, Any] = {}
+        self.paths: dict[str, Source] = {}
+        self.custom_hooks: dict[str, Callable[..., Any]] = {}
+        self.conditions: dict[str, Any] = {}
+        self.checksums: dict[str, str] = {}
+        self.transfer_options: dict[str, TransferOptions] = {}
+        self.collect_in: pathlib.Path | None = None
+        self.set_collect_in(collect_in)
+        self.loadable_paths: dict[str, pathlib.Path] = {}
+        self.collected: dict[str, Fetched] = {}
+        self.reports: dict[str, TransferReport | None] = {}
+        self._synchronised = False
+        self.add_loadables(loadables or {})
+        self.add_paths(paths or {})
+        self.add_custom_hooks(custom_hooks or {})
+        self.add_conditions(conditions or {})
+        self.add_checksums(checksums or {})
+        self.add_transfer_options(transfer_options or {})
+
+    # ----------------------------------------------------------------------------------------
+    # Configuration (the seed's methods)
+    # ----------------------------------------------------------------------------------------
+
+    def set_collect_in(self, path: Union[str, os.PathLike, None]) -> None:
+        """Changes the collection folder (``None``: load files from where they live)."""
+        self.collect_in = None if path is None else pathlib.Path(path)
+
+    def add_loadables(self, loadables: Mapping[str, Any]) -> None:
+        """Adds or replaces loadables (key -> object)."""
+        for key in loadables:
+            _check_key(key)
+        self.loadables.update(loadables)
+
+    def add_paths(self, paths: Mapping[str, Source]) -> None:
+        """Adds or replaces paths (key -> ``"<source>/<file>"``); they win over `default_source`."""
+        self.paths.update(paths)
+
+    def add_custom_hooks(self, custom_hooks: Mapping[str, Callable[..., Any]]) -> None:
+        """Adds or replaces custom hooks (key -> ``hook(obj, path)``)."""
+        for key, hook in custom_hooks.items():
+            if not callable(hook):
+                raise ConfigurationError(
+                    f"custom_hooks['{key}'] is a {type(hook).__name__}, not a function.",
+                    key=key,
+                    hint="Pass a callable hook(obj, path).",
+                )
+        self.custom_hooks.update(custom_hooks)
+
+    def add_conditions(self, conditions: Mapping[str, Any]) -> None:
+        """Adds or replaces conditions (key -> bool or zero-argument callable)."""
+        self.conditions.update(conditions)
+
+    def add_checksums(self, checksums: Mapping[str, str]) -> None:
+        """Adds or replaces pinned digests (key -> ``"sha256:<hex>"``)."""
+        for key, checksum in checksums.items():
+            parse_checksum(checksum, key=key)
+        self.checksums.update(checksums)
+
+    def add_transfer_options(self, options: Mapping[str, Union[TransferOptions, Mapping[str, Any]]]) -> None:
+        """Adds or replaces transfer options (key -> `TransferOptions` or a dict of its fields)."""
+        for key, value in options.items():
+            self.transfer_options[key] = _as_options(key, value)
+
+    @staticmethod
+    def split_path(path: Source) -> tuple[Any, str]:
+        """Returns (source, filename): ``"sb/asr/lm.ckpt"`` -> ``("sb/asr", "lm.ckpt")``.
+
+        A bare name is a file in the current folder (``"lm.ckpt"`` -> ``("./", "lm.ckpt")``); a
+        `FetchSource` keeps its kind: ``FetchSource(kind, "a/b/f")`` -> ``(FetchSource(kind, "a/b"), "f")``.
+        """
+
+        def split(text: str) -> tuple[str, str]:
+            if "/" in text:
+                source, filename = text.rsplit("/", maxsplit=1)
+                return source, filename
+            return "./", text
+
+        if isinstance(path, FetchSource):
+            fetch_from, inner = path
+            source, filename = split(str(inner))
+            return FetchSource(fetch_from, source), filename
+        return split(os.fspath(path))
+
+    def is_loadable(self, name: str) -> bool:
+        """Returns True when `name` has no condition, or its condition (bool or callable) is true."""
+        if name not in self.conditions:
+            return True
+        condition = self.conditions[name]
+        return bool(condition() if callable(condition) else condition)
+
+    # ----------------------------------------------------------------------------------------
+    # Collecting
+    # ----------------------------------------------------------------------------------------
+
+    def collect_files(
+        self,
+        default_source: Source | None = None,
+        internal_ddp_handling: bool = False,
+        *,
+        local_strategy: LocalStrategy = LocalStrategy.SYMLINK,
+        fetch_config: FetchConfig | None = None,
+        collect_per_node: Union[bool, str] = "auto",
+        timeout: Union[datetime.timedelta, float, None] = None,
+    ) -> dict[str, pathlib.Path]:
+        """Returns key -> local path of each loadable's file, fetching what is missing.
+
+        Args:
+            default_source: where keys without a path are looked for, as ``<default_source>/<key>.ckpt``.
+            internal_ddp_handling: run the distributed protocol: only the fetching rank fetches,
+                every rank gets the same mapping, and an error on the fetching rank is raised on
+                every rank. Must be called by every rank together. Without a process group this
+                simply fetches.
+            local_strategy: how files are placed in `collect_in`, see `LocalStrategy`.
+            fetch_config: see `FetchConfig` (``None``: the defaults).
+            collect_per_node: ``False``: global rank 0 fetches for the job; ``True``: the first
+                rank of each node fetches for its node; ``"auto"``: per node only for nodes that do
+                not see the collection folder of rank 0.
+            timeout: how long ranks wait for the fetching rank (default 24 h; env
+                ``PL_PRETRAIN_COLLECT_TIMEOUT`` in seconds).
+
+        Raises:
+            PretrainerError: a `FetchError` (a ``ValueError``) or `ConfigurationError` naming the
+                key, the source and what to change; under the protocol, on every rank.
+        """
+        config = fetch_config if fetch_config is not None else FetchConfig()
+        if not isinstance(config, FetchConfig):
+            raise ConfigurationError(f"fetch_config is a {type(config).__name__}, not a FetchConfig.")
+        if collect_per_node not in (True, False, "auto"):
+            raise ConfigurationError(
+                f"collect_per_node={collect_per_node!r} must be True, False or 'auto'.",
+                hint="'auto' fetches once per job when the collection folder is shared, once per node otherwise.",
+            )
+
+        def work() -> dict[str, Fetched]:
+            return self._fetch_all(default_source, local_strategy, config)
+
+        if internal_ddp_handling:
+            collected = distributed.run_once(
+                work,
+                per_node=collect_per_node,  # type: ignore[arg-type]
+                probe=_FolderProbe(self.collect_in) if self.collect_in is not None else None,
+                check=_all_readable,
+                timeout=timeout,
+            )
+            self._synchronised = distributed.is_distributed()
+        else:
+            collected = work()
+        self.collected = collected
+        self.loadable_paths = {key: fetched.path for key, fetched in collected.items()}
+        return dict(self.loadable_paths)
+
+    def _fetch_all(self, default_source: Source | None, strategy: LocalStrategy, config: FetchConfig) -> dict[str, Fetched]:
+        self._check_keys()
+        requests = {}
+        for key in self.loadables:
+            if not self.is_loadable(key):
+                continue
+            if key in self.paths:
+                requests[key] = self.split_path(self.paths[key])
+            elif default_source is not None:
+                requests[key] = (default_source, key + PARAMFILE_EXT)
+            else:
+                raise ConfigurationError(
+                    f"No path for '{key}' and no default_source.",
+                    key=key,
+                    hint=f"Add paths={{'{key}': '<source>/<file>'}}, or pass collect_files(default_source=...).",
+                )
+        return {key: self._fetch_one(key, source, filename, strategy, config) for key, (source, filename) in requests.items()}
+
+    def _fetch_one(self, key: str, source: Source, filename: str, strategy: LocalStrategy, config: FetchConfig) -> Fetched:
+        shown = _show_source(source)
+        expected = parse_checksum(self.checksums[key], key=key) if key in self.checksums else None
+        try:
+            return fetch_file(filename, source, self.collect_in, key + PARAMFILE_EXT, strategy, config, sha256=expected)
+        except PretrainerError as error:
+            raise error.with_context(key=key, source=shown)
+        except Exception as error:  # anything unforeseen still names the key and the source
+            raise FetchError(f"{type(error).__name__}: {error}", key=key, source=shown) from error
+
+    def _check_keys(self) -> None:
+        known = set(self.loadables)
+        for name, mapping in (
+            ("paths", self.paths),
+            ("custom_hooks", self.custom_hooks),
+            ("conditions", self.conditions),
+            ("checksums", self.checksums),
+            ("transfer_options", self.transfer_options),
+        ):
+            unknown = sorted(set(mapping) - known)
+            if unknown:
+                raise ConfigurationError(
+                    f"{name} names {', '.join(repr(k) for k in unknown)}, which {'is' if len(unknown) == 1 else 'are'} "
+                    f"not among the loadables ({', '.join(sorted(known)) or 'none'}).",
+                    key=unknown[0],
+                    hint="Check the spelling, or add the object to loadables.",
+                )
+
+    # ----------------------------------------------------------------------------------------
+    # Loading
+    # ----------------------------------------------------------------------------------------
+
+    def load_collected(self) -> dict[str, TransferReport | None]:
+        """Returns key -> `TransferReport` (None for non-module hooks) after loading every collected file.
+
+        After `collect_files(internal_ddp_handling=True)` a failure on any rank is raised on every rank.
+        If this rank did not call `collect_files` (SpeechBrain's ``run_on_main(collect_files)``
+        pattern), the files are taken from ``<collect_in>/<key>.ckpt``.
+        """
+        if not self.collected:
+            self.collected = self._found_in_collect_in()
+
+        def work() -> dict[str, TransferReport | None]:
+            return {key: self._load_one(key, fetched) for key, fetched in self.collected.items()}
+
+        reports = distributed.run_everywhere(work) if self._synchronised else work()
+        self.reports = reports
+        if distributed.global_rank() == 0:
+            table = format_reports(reports)
+            if table:
+                logger.info("Loaded pretrained parameters:\n%s", table)
+        return reports
+
+    def _found_in_collect_in(self) -> dict[str, Fetched]:
+        if self.collect_in is None:
+            raise ConfigurationError("Nothing was collected yet.", hint="Call collect_files() before load_collected().")
+        found = {}
+        for key in self.loadables:
+            if not self.is_loadable(key):
+                continue
+            path = self.collect_in / (key + PARAMFILE_EXT)
+            if not path.is_file():
+                raise ConfigurationError(
+                    f"'{path}' does not exist, and collect_files() was not called in this process.",
+                    key=key,
+                    hint="Call collect_files() (with internal_ddp_handling=True on every rank) before load_collected().",
+                )
+            found[key] = Fetched(path, FetchFrom.LOCAL, str(self.collect_in), path.name, str(path), size=path.stat().st_size)
+        return found
+
+    def _load_one(self, key: str, fetched: Fetched) -> TransferReport | None:
+        obj = self.loadables[key]
+        try:
+            if key in self.checksums:
+                expected = parse_checksum(self.checksums[key], key=key)
+                actual = file_sha256(fetched.path)
+                if actual != expected:
+                    raise FetchError(
+                        f"'{fetched.path}' changed after it was collected: sha256 {actual}, expected {expected}.",
+                        hint="Something rewrote the collected file; collect again with FetchConfig(overwrite=True).",
+                    )
+            result = self._call_hook(key, obj, fetched.path)
+        except PretrainerError as error:
+            raise error.with_context(key=key, source=fetched.location)
+        except Exception as error:  # a user's hook failing still names the key and the file
+            raise TransferError(
+                f"Loading '{fetched.path}' into {type(obj).__name__} failed: {type(error).__name__}: {error}",
+                key=key,
+                source=fetched.location,
+            ) from error
+        return result if isinstance(result, TransferReport) else None
+
+    def _call_hook(self, key: str, obj: Any, path: pathlib.Path) -> Any:
+        options = self.transfer_options.get(key)
+        if key in self.custom_hooks:
+            return self.custom_hooks[key](obj, path)
+        hook = get_default_hook(obj, DEFAULT_TRANSFER_HOOKS)
+        if hook is torch_parameter_transfer:
+            return hook(obj, path, options)
+        if options is not None:
+            raise ConfigurationError(
+                f"transfer_options apply to torch.nn.Module loadables; '{key}' is a {type(obj).__name__}.",
+                key=key,
+            )
+        if hook is not None:
+            return hook(obj, path)
+        hook = get_default_hook(obj, DEFAULT_LOAD_HOOKS)
+        if hook is not None:
+            return hook(obj, path, False)
+        raise ConfigurationError(
+            f"Don't know how to load a {type(obj).__module__}.{type(obj).__qualname__}.",
+            key=key,
+            hint="Pass custom_hooks={key: hook(obj, path)}, or decorate its class with "
+            "@register_checkpoint_hooks and @mark_as_transfer.",
+        )
+
+    # ----------------------------------------------------------------------------------------
+    # What was loaded, from where
+    # ----------------------------------------------------------------------------------------
+
+    def provenance(self) -> dict[str, dict[str, Any]]:
+        """Returns key -> where its file came from (source, file, revision, commit, sha256) and its report."""
+        out = {}
+        for key, fetched in self.collected.items():
+            entry = {
+                "source": fetched.source,
+                "filename": fetched.filename,
+                "location": fetched.location,
+                "fetch_from": fetched.fetch_from.name,
+                "revision": fetched.revision,
+                "commit": fetched.commit,
+                "sha256": fetched.sha256,
+                "size": fetched.size,
+            }
+            report = self.reports.get(key)
+            if report is not None:
+                entry["report"] = report.to_dict()
+            out[key] = entry
+        return out
+
+
+def _check_key(key: Any) -> None:
+    if not isinstance(key, str) or not key:
+        raise ConfigurationError(
+            f"Loadable key {key!r} is not a plain file name: keys are non-empty strings.",
+            hint="Use a name such as 'encoder'; it becomes the file 'encoder.ckpt'.",
+        )
+    check_file_name(key + PARAMFILE_EXT, what=f"Loadable key {key!r} (file name")
+
+
+def _as_options(key: str, value: Union[TransferOptions, Mapping[str, Any]]) -> TransferOptions:
+    if isinstance(value, TransferOptions):
+        return value
+    if isinstance(value, Mapping):
+        try:
+            return TransferOptions(**value)
+        except TypeError as error:
+            fields = ", ".join(f.name for f in dataclasses.fields(TransferOptions))
+            raise ConfigurationError(
+                f"transfer_options['{key}'] has an unknown field: {error}.", key=key, hint=f"Known fields: {fields}."
+            ) from None
+    raise ConfigurationError(
+        f"transfer_options['{key}'] is a {type(value).__name__}; give a TransferOptions or a dict.", key=key
+    )
+
+
+def _show_source(source: Source) -> str:
+    try:
+        fetch_from, text = guess_source(source)
+    except PretrainerError:
+        return os.fspath(source) if not isinstance(source, FetchSource) else str(source.path)
+    if fetch_from is FetchFrom.URI:
+        return redact_url(text)
+    return text
+
+
+def _all_readable(collected: Mapping[str, Fetched]) -> bool:
+    """True when every collected file can be opened here with the size the fetcher saw."""
+    for fetched in collected.values():
+        try:
+            if os.stat(fetched.path).st_size != fetched.size:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+class _FolderProbe:
+    """Marks a collection folder so that other nodes can tell whether they see the same one."""
+
+    def __init__(self, folder: pathlib.Path) -> None:
+        self.folder = folder / RECORD_DIR
+
+    def mark(self) -> str | None:
+        token = uuid.uuid4().hex
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / f"shared-{token}").write_text(token)
+        return token
+
+    def sees(self, token: str) -> bool:
+        try:
+            return (self.folder / f"shared-{token}").read_text() == token
+        except OSError:
+            return False
+
+    def clear(self, token: str) -> None:
+        (self.folder / f"shared-{token}").unlink(missing_ok=True)

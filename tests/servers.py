@@ -1,0 +1,282 @@
+"""Loopback servers for the tests: a plain file server and a Hugging Face Hub look-alike.
+
+Both run in a thread of the test process on 127.0.0.1, record every request they get (so a test
+can count downloads), and can misbehave on purpose (drop a connection half-way, answer 500 first,
+announce more bytes than they send, send slowly).
+
+`HubServer` answers what ``huggingface_hub.hf_hub_download`` asks for:
+``HEAD``/``GET /{repo_id}/resolve/{revision}/{filename}`` with ``ETag``, ``X-Repo-Commit`` and
+``Content-Length``; ``404`` with ``X-Error-Code: EntryNotFound`` / ``RevisionNotFound`` /
+``RepoNotFound``; ``401`` for a private repo asked without its token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import socket
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Request:
+    """One request a server got."""
+
+    method: str
+    path: str
+    status: int
+    headers: dict[str, str]  # names in lower case
+    bytes_sent: int = 0
+
+
+@dataclass
+class Fault:
+    """How a server misbehaves for one path.
+
+    Attributes:
+        kind: "drop" (close after half the body), "status" (answer `status` first), "short"
+            (announce the full length, send half), "slow" (sleep `delay` seconds per 64 KiB).
+        times: how many GET requests misbehave before the server answers normally (-1: always).
+        status: the status code for kind "status".
+        delay: seconds per chunk for kind "slow".
+    """
+
+    kind: str
+    times: int = 1
+    status: int = 500
+    delay: float = 0.05
+
+
+def _lower(headers) -> dict[str, str]:
+    return {name.lower(): value for name, value in headers.items()}
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class _Base:
+    """Common parts: start/stop, the request log, faults."""
+
+    def __init__(self) -> None:
+        self.requests: list[Request] = []
+        self.faults: dict[str, Fault] = {}
+        self._lock = threading.Lock()
+        handler = self._make_handler()
+        self._httpd = _Server(("127.0.0.1", 0), handler)
+        self.port = self._httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def start(self) -> "_Base":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def reset_log(self) -> None:
+        with self._lock:
+            self.requests.clear()
+
+    def gets(self, path_part: str = "") -> list[Request]:
+        """Returns the GET requests whose path contains `path_part` and that sent a body."""
+        with self._lock:
+            return [r for r in self.requests if r.method == "GET" and path_part in r.path and r.status in (200, 206)]
+
+    def count(self, method: str | None = None, path_part: str = "") -> int:
+        with self._lock:
+            return sum(1 for r in self.requests if (method is None or r.method == method) and path_part in r.path)
+
+    def fail(self, path_part: str, fault: Fault) -> None:
+        """Makes requests whose path contains `path_part` misbehave as `fault` says."""
+        self.faults[path_part] = fault
+
+    def _log(self, request: Request) -> None:
+        with self._lock:
+            self.requests.append(request)
+
+    def _fault_for(self, path: str, method: str) -> Fault | None:
+        if method != "GET":
+            return None
+        with self._lock:
+            for part, fault in self.faults.items():
+                if part in path and fault.times != 0:
+                    if fault.times > 0:
+                        fault.times -= 1
+                    return fault
+        return None
+
+    def _make_handler(self):
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:  # keep test output clean
+                pass
+
+            def do_HEAD(self) -> None:
+                server._handle(self, "HEAD")
+
+            def do_GET(self) -> None:
+                server._handle(self, "GET")
+
+        return Handler
+
+    def _send(self, h, method: str, status: int, headers: dict[str, str], body: bytes) -> None:
+        fault = self._fault_for(h.path, method) if status in (200, 206) else None
+        sent = 0
+        if fault is not None and fault.kind == "status":
+            h.send_response(fault.status)
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            self._log(Request(method, h.path, fault.status, _lower(h.headers)))
+            return
+        h.send_response(status)
+        for name, value in headers.items():
+            h.send_header(name, value)
+        h.send_header("Content-Length", str(len(body)))
+        if fault is not None:
+            h.send_header("Connection", "close")
+        h.end_headers()
+        if method == "GET":
+            try:
+                if fault is not None and fault.kind in ("drop", "short"):
+                    h.wfile.write(body[: len(body) // 2])
+                    sent = len(body) // 2
+                    h.wfile.flush()
+                    h.close_connection = True
+                    if fault.kind == "drop":
+                        h.connection.shutdown(socket.SHUT_RDWR)
+                elif fault is not None and fault.kind == "slow":
+                    for i in range(0, len(body), 65536):
+                        time.sleep(fault.delay)
+                        h.wfile.write(body[i : i + 65536])
+                        sent += len(body[i : i + 65536])
+                else:
+                    h.wfile.write(body)
+                    sent = len(body)
+            except (BrokenPipeError, ConnectionResetError, OSError):
+                pass
+        self._log(Request(method, h.path, status, _lower(h.headers), sent))
+
+    def _handle(self, h, method: str) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+def _ranged(h, body: bytes) -> tuple[int, bytes, dict[str, str]]:
+    header = h.headers.get("Range")
+    if header and header.startswith("bytes="):
+        start_text, _, end_text = header[len("bytes=") :].partition("-")
+        start = int(start_text or 0)
+        end = int(end_text) if end_text else len(body) - 1
+        return 206, body[start : end + 1], {"Content-Range": f"bytes {start}-{end}/{len(body)}"}
+    return 200, body, {}
+
+
+class FileServer(_Base):
+    """Serves `files` (URL path -> bytes) over plain HTTP; 404 for anything else."""
+
+    def __init__(self, files: dict[str, bytes] | None = None) -> None:
+        super().__init__()
+        self.files: dict[str, bytes] = dict(files or {})
+
+    def add(self, path: str, data: bytes) -> str:
+        """Serves `data` at `path` and returns its full URL."""
+        self.files["/" + path.lstrip("/")] = data
+        return self.url + "/" + path.lstrip("/")
+
+    def _handle(self, h, method: str) -> None:
+        path = urllib.parse.unquote(urllib.parse.urlsplit(h.path).path)
+        body = self.files.get(path)
+        if body is None:
+            self._send(h, method, 404, {}, b"not found")
+            return
+        status, chunk, extra = _ranged(h, body)
+        self._send(h, method, status, {"Content-Type": "application/octet-stream", **extra}, chunk)
+
+
+@dataclass
+class _Repo:
+    token: str | None = None
+    revisions: dict[str, str] = field(default_factory=dict)  # name -> commit
+    files: dict[str, dict[str, bytes]] = field(default_factory=dict)  # commit -> filename -> bytes
+
+
+class HubServer(_Base):
+    """A Hugging Face Hub look-alike for ``hf_hub_download`` (point ``HF_ENDPOINT`` at `url`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.repos: dict[str, _Repo] = {}
+        self.sha256_etags = True
+
+    def clear(self) -> None:
+        self.repos.clear()
+        self.faults.clear()
+        self.reset_log()
+        self.sha256_etags = True
+
+    def add_file(self, repo_id: str, filename: str, data: bytes, *, revision: str = "main", token: str | None = None) -> str:
+        """Publishes `data` as `filename` at `revision` of `repo_id` (a new commit); returns the commit."""
+        repo = self.repos.setdefault(repo_id, _Repo())
+        if token is not None:
+            repo.token = token
+        old = repo.revisions.get(revision)
+        files = dict(repo.files.get(old, {})) if old else {}
+        files[filename] = data
+        commit = hashlib.sha1(f"{repo_id}@{revision}#{len(repo.files)}#{filename}".encode()).hexdigest()
+        repo.files[commit] = files
+        repo.revisions[revision] = commit
+        return commit
+
+    def _handle(self, h, method: str) -> None:
+        path = urllib.parse.urlsplit(h.path).path
+        if "/resolve/" not in path:
+            self._send(h, method, 404, {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Not a resolve URL"}, b"")
+            return
+        repo_part, _, rest = path.lstrip("/").partition("/resolve/")
+        repo_id = urllib.parse.unquote(repo_part)
+        revision_q, _, filename_q = rest.partition("/")
+        revision = urllib.parse.unquote(revision_q)
+        filename = urllib.parse.unquote(filename_q)
+        repo = self.repos.get(repo_id)
+        if repo is None:
+            self._send(h, method, 401, {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"}, b"")
+            return
+        if repo.token is not None and h.headers.get("Authorization") != f"Bearer {repo.token}":
+            self._send(h, method, 401, {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Invalid credentials"}, b"")
+            return
+        commit = repo.revisions.get(revision) or (revision if revision in repo.files else None)
+        if commit is None:
+            self._send(h, method, 404, {"X-Error-Code": "RevisionNotFound", "X-Error-Message": "Invalid rev id"}, b"")
+            return
+        body = repo.files[commit].get(filename)
+        if body is None:
+            self._send(
+                h, method, 404,
+                {"X-Error-Code": "EntryNotFound", "X-Error-Message": "Entry not found", "X-Repo-Commit": commit},
+                b"",
+            )
+            return
+        etag = hashlib.sha256(body).hexdigest() if self.sha256_etags else hashlib.sha1(body).hexdigest()
+        status, chunk, extra = _ranged(h, body)
+        headers = {"ETag": f'"{etag}"', "X-Repo-Commit": commit, "Accept-Ranges": "bytes", **extra}
+        self._send(h, method, status, headers, chunk if method == "GET" else body)
+
+    def downloads(self, filename: str = "") -> int:
+        """Returns how many GET requests for `filename` sent a body."""
+        return len(self.gets(filename))
