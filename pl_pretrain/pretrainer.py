@@ -40,6 +40,8 @@ from pl_pretrain.transfer import (
     TransferReport,
     format_reports,
     get_default_hook,
+    shard_folder_name,
+    shard_names,
     torch_parameter_transfer,
 )
 
@@ -261,7 +263,23 @@ class Pretrainer:
         shown = _show_source(source)
         expected = parse_checksum(self.checksums[key], key=key) if key in self.checksums else None
         try:
-            return fetch_file(filename, source, self.collect_in, key + PARAMFILE_EXT, strategy, config, sha256=expected)
+            fetched = fetch_file(filename, source, self.collect_in, key + PARAMFILE_EXT, strategy, config, sha256=expected)
+            shards = shard_names(fetched.path)
+            if shards:
+                # A sharded checkpoint's index: its shards live beside it in the source, and are
+                # collected into <collect_in>/<key>.shards/ (see transfer.shard_folder).
+                prefix = filename.rpartition("/")[0]
+                shard_dir = None if self.collect_in is None else self.collect_in / shard_folder_name(key + PARAMFILE_EXT)
+                for name in shards:
+                    fetch_file(
+                        f"{prefix}/{name}" if prefix else name,
+                        source,
+                        shard_dir,
+                        name,
+                        strategy,
+                        config,
+                    )
+            return fetched
         except PretrainerError as error:
             raise error.with_context(key=key, source=shown)
         except Exception as error:  # anything unforeseen still names the key and the source

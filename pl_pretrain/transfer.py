@@ -35,6 +35,8 @@ __all__ = [
     "get_default_hook",
     "torch_parameter_transfer",
     "format_reports",
+    "shard_names",
+    "shard_folder_name",
 ]
 
 logger = logging.getLogger(__name__)
@@ -274,6 +276,48 @@ def _state_dict_of(obj: Any, path: pathlib.Path) -> dict[str, torch.Tensor]:
             hint="Save `module.state_dict()`, or pass a custom hook that knows this object.",
         )
     return dict(obj)
+
+
+# --------------------------------------------------------------------------------------------
+# Sharded checkpoints (Hugging Face ``*.index.json`` + shards)
+# --------------------------------------------------------------------------------------------
+
+
+def shard_folder_name(collected_name: str) -> str:
+    """Returns the folder name, beside a collected index file, that holds its shards.
+
+    ``encoder.ckpt`` -> ``encoder.shards``: the Pretrainer collects shards there, and the transfer
+    looks there first (then beside the index's real location).
+    """
+    return pathlib.Path(collected_name).stem + ".shards"
+
+
+def shard_names(path: PathLike) -> list[str] | None:
+    """Returns the shard file names a sharded-checkpoint index lists, or None if `path` is not an index."""
+    path = pathlib.Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1)
+            if head != b"{":
+                return None
+            f.seek(0)
+            import json
+
+            index = json.load(f)
+    except (OSError, ValueError):
+        return None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        return None
+    names = sorted(set(map(str, weight_map.values())))
+    for name in names:
+        if not name or "/" in name or "\\" in name or name in (".", ".."):
+            raise TransferError(
+                f"Index '{path}' lists the shard {name!r}, which is not a plain file name.",
+                source=str(path),
+                hint="Shards must sit beside their index.",
+            )
+    return names
 
 
 # --------------------------------------------------------------------------------------------
