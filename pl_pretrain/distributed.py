@@ -173,8 +173,25 @@ def _wait_group(timeout: Union[datetime.timedelta, float, None]) -> Any:
 
 def _gather(value: Any, group: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value, group=group)
+    with _lost_contact():
+        dist.all_gather_object(out, value, group=group)
     return out
+
+
+class _lost_contact:
+    """Turns a collective that broke (a peer died, a timeout) into one clear PretrainerError."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: Any, error: Any, tb: Any) -> bool:
+        if error is None or not isinstance(error, RuntimeError) or isinstance(error, PretrainerError):
+            return False
+        raise PretrainerError(
+            f"Lost contact with the other ranks while waiting for the collection outcome: {str(error).splitlines()[0]}",
+            rank=global_rank(),
+            hint="Another rank probably crashed (killed, out of memory); its own log says why.",
+        ) from error
 
 
 def _attempt(work: Callable[[], T], rank: int) -> tuple[str, Any, BaseException | None]:
@@ -300,7 +317,8 @@ def _nodes_that_fetch(topo: Topology, per_node: PerNode, probe: SharedProbe | No
             token_box[0] = probe.mark()
         except Exception as error:  # an unwritable folder fails the fetch itself, with a clear error
             logger.debug("Could not mark the collection folder: %s", error)
-    dist.broadcast_object_list(token_box, src=0, group=group)
+    with _lost_contact():
+        dist.broadcast_object_list(token_box, src=0, group=group)
     token = token_box[0]
     sees = bool(token is not None and _safe_check(probe.sees, token))
     seen = _gather(sees, group)
@@ -333,7 +351,8 @@ def broadcast_object(value: Any, src: int = 0, *, timeout: Union[datetime.timede
     if not is_distributed():
         return value
     box = [value]
-    dist.broadcast_object_list(box, src=src, group=_wait_group(timeout))
+    with _lost_contact():
+        dist.broadcast_object_list(box, src=src, group=_wait_group(timeout))
     return box[0]
 
 

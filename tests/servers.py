@@ -43,12 +43,14 @@ class Fault:
         times: how many GET requests misbehave before the server answers normally (-1: always).
         status: the status code for kind "status".
         delay: seconds per chunk for kind "slow".
+        chunk: bytes per chunk for kind "slow".
     """
 
     kind: str
     times: int = 1
     status: int = 500
     delay: float = 0.05
+    chunk: int = 65536
 
 
 def _lower(headers) -> dict[str, str]:
@@ -162,10 +164,11 @@ class _Base:
                     if fault.kind == "drop":
                         h.connection.shutdown(socket.SHUT_RDWR)
                 elif fault is not None and fault.kind == "slow":
-                    for i in range(0, len(body), 65536):
+                    for i in range(0, len(body), fault.chunk):
                         time.sleep(fault.delay)
-                        h.wfile.write(body[i : i + 65536])
-                        sent += len(body[i : i + 65536])
+                        h.wfile.write(body[i : i + fault.chunk])
+                        h.wfile.flush()
+                        sent += len(body[i : i + fault.chunk])
                 else:
                     h.wfile.write(body)
                     sent = len(body)

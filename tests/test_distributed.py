@@ -1,0 +1,269 @@
+"""The distributed protocol on real gloo ranks: one fetch per job (or node), the same weights on
+every rank, and a failure raised on every rank at once.
+
+Each test spawns 2, 4 or 8 real processes with the harness in tests/dist.py; every rank returns
+what it saw, and the test asserts every rank. The servers run in this test process, so their
+request logs count what the whole job fetched.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import rank_jobs
+from dist import assert_all_ok, can_unshare, run_ranks
+from helpers import ckpt_bytes, digest, module
+from pl_pretrain import FetchConfig, LocalStrategy, Pretrainer
+from pl_pretrain.errors import ConfigurationError
+from servers import Fault
+
+needs_root = pytest.mark.skipif(not can_unshare(), reason="simulated nodes need root for mount namespaces")
+
+
+class Sources:
+    """Publishes a distinct checkpoint per cell on a local folder, the URL server or the Hub."""
+
+    def __init__(self, tmp_path, http_server, hub):
+        self.tmp_path, self.http, self.hub = tmp_path, http_server, hub
+        self.seed = 0
+
+    def publish(self, kind: str, name: str) -> tuple[str, str]:
+        """Returns (source, expected digest) for a fresh checkpoint named after the cell."""
+        self.seed += 1
+        mod = module(seed=self.seed)
+        data = ckpt_bytes(mod)
+        if kind == "local":
+            folder = self.tmp_path / "sources" / name
+            folder.mkdir(parents=True)
+            (folder / "encoder.ckpt").write_bytes(data)
+            return str(folder), digest(mod)
+        if kind == "url":
+            self.http.add(f"{name}/encoder.ckpt", data)
+            return f"{self.http.url}/{name}", digest(mod)
+        self.hub.add_file(f"org/{name}", "encoder.ckpt", data)
+        return f"org/{name}", digest(mod)
+
+    def gets(self, kind: str, name: str) -> int:
+        if kind == "url":
+            return len(self.http.gets(f"/{name}/encoder.ckpt"))
+        if kind == "hub":
+            return len(self.hub.gets(f"/org/{name}/resolve/"))
+        return 0
+
+    def heads(self, kind: str, name: str) -> int:
+        if kind == "hub":
+            return self.hub.count("HEAD", f"/org/{name}/resolve/")
+        return 0
+
+
+@pytest.fixture
+def sources(tmp_path, http_server, hub):
+    return Sources(tmp_path, http_server, hub)
+
+
+def _matrix(sources, tmp_path, kinds, strategies, collect_in_set=(True, False), present=(False, True)):
+    cells, meta = [], []
+    for kind in kinds:
+        for strategy in strategies:
+            for with_folder in collect_in_set:
+                for already in present:
+                    name = f"{kind}-{strategy.name}-{'dir' if with_folder else 'none'}-{'present' if already else 'fresh'}"
+                    source, expected = sources.publish(kind, name)
+                    collect_in = str(tmp_path / "collect" / name) if with_folder else None
+                    cell = {"collect_in": collect_in, "source": source, "strategy": strategy.name}
+                    if already:
+                        # A previous job collected these files; this job must not fetch again.
+                        Pretrainer(collect_in, {"encoder": module(0)}).collect_files(
+                            default_source=source, local_strategy=strategy
+                        )
+                    cells.append(cell)
+                    meta.append((name, kind, strategy, with_folder, already, expected))
+    sources.http.reset_log()  # count only what the job itself fetches
+    sources.hub.reset_log()
+    return cells, meta
+
+
+def _assert_cells(results, meta, sources, http_server, hub):
+    per_rank = assert_all_ok(results)
+    for index, (name, kind, strategy, with_folder, already, expected) in enumerate(meta):
+        seen = [outcomes[index] for outcomes in per_rank]
+        for rank, outcome in enumerate(seen):
+            assert outcome["error"] is None, f"{name}: rank {rank} raised {outcome['text']}"
+            assert outcome["digest"] == expected, f"{name}: rank {rank} loaded other weights"
+            assert outcome["paths"] == seen[0]["paths"], f"{name}: rank {rank} got other paths"
+        path = seen[0]["paths"]["encoder"]
+        if with_folder and strategy is not LocalStrategy.NO_LINK:
+            assert path.endswith(f"/collect/{name}/encoder.ckpt"), (name, path)
+        assert sources.gets(kind, name) == (0 if already else int(kind != "local")), f"{name}: downloads"
+        assert sources.heads(kind, name) <= 1, f"{name}: more than one rank asked the Hub"
+
+
+def test_matrix_two_ranks(sources, tmp_path, http_server, hub):
+    cells, meta = _matrix(sources, tmp_path, ["local", "url", "hub"], list(LocalStrategy))
+    results = run_ranks(rank_jobs.collect_cells, 2, args=(cells,), timeout=240)
+    _assert_cells(results, meta, sources, http_server, hub)
+
+
+def test_matrix_four_ranks(sources, tmp_path, http_server, hub):
+    cells, meta = _matrix(
+        sources, tmp_path, ["local", "url", "hub"], [LocalStrategy.SYMLINK, LocalStrategy.COPY_SKIP_CACHE, LocalStrategy.NO_LINK],
+        present=(False,),
+    )
+    results = run_ranks(rank_jobs.collect_cells, 4, args=(cells,), timeout=240)
+    _assert_cells(results, meta, sources, http_server, hub)
+
+
+@pytest.mark.parametrize("late_rank", [0, 1])
+def test_a_rank_arriving_late(sources, tmp_path, http_server, hub, late_rank):
+    cells, meta = _matrix(sources, tmp_path, ["local", "url", "hub"], [LocalStrategy.COPY], collect_in_set=(True,), present=(False,))
+    for cell in cells:
+        cell.update(late_rank=late_rank, delay=3.0)
+    results = run_ranks(rank_jobs.collect_cells, 2, args=(cells,), timeout=240)
+    _assert_cells(results, meta, sources, http_server, hub)
+
+
+def _assert_same_error_everywhere(outcomes, *, error, failing_rank, within_s=2.0):
+    texts = {o["text"] for o in outcomes}
+    assert len(texts) == 1, f"ranks raised different errors: {texts}"
+    for rank, outcome in enumerate(outcomes):
+        assert outcome["error"] == error, f"rank {rank}: {outcome}"
+        assert outcome["key"] == "encoder"
+        assert outcome["rank_in_error"] == failing_rank
+    spread = max(o["raised_at"] for o in outcomes) - min(o["raised_at"] for o in outcomes)
+    assert spread < within_s, f"the error reached the last rank {spread:.2f} s after the first"
+    return texts.pop()
+
+
+def test_404_on_the_fetching_rank_is_raised_on_every_rank(tmp_path, http_server):
+    cell = {"collect_in": str(tmp_path / "c"), "source": f"{http_server.url}/missing", "strategy": "SYMLINK"}
+    outcomes = [r[0] for r in assert_all_ok(run_ranks(rank_jobs.collect_cells, 4, args=([cell],)))]
+    text = _assert_same_error_everywhere(outcomes, error="FetchError", failing_rank=0)
+    assert all(o["value_error"] for o in outcomes)
+    assert "HTTP 404" in text and f"{http_server.url}/missing" in text and "rank 0" in text
+    assert http_server.count("GET") == 1
+    assert not (tmp_path / "c" / "encoder.ckpt").exists()
+
+
+@pytest.mark.parametrize("failing_rank", [0, 2])
+def test_a_hook_failing_on_one_rank_is_raised_on_every_rank(tmp_path, failing_rank):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "encoder.ckpt").write_bytes(ckpt_bytes(module(1)))
+    cell = {"collect_in": str(tmp_path / "c"), "source": str(tmp_path / "src"), "hook_fails_on": failing_rank}
+    outcomes = [r[0] for r in assert_all_ok(run_ranks(rank_jobs.collect_cells, 4, args=([cell],)))]
+    text = _assert_same_error_everywhere(outcomes, error="TransferError", failing_rank=failing_rank)
+    assert f"layer missing on rank {failing_rank}" in text
+
+
+def test_a_slow_download_outlives_the_process_group_timeout(tmp_path, http_server):
+    # The default process group here times out after 3 s; the download takes about 6 s.
+    data = ckpt_bytes(module(3))
+    http_server.add("slow/encoder.ckpt", data)
+    http_server.fail("slow/encoder.ckpt", Fault("slow", times=-1, delay=6.0 / (len(data) // 256 + 1), chunk=256))
+    cell = {"collect_in": str(tmp_path / "c"), "source": f"{http_server.url}/slow", "strategy": "COPY"}
+    results = run_ranks(rank_jobs.collect_cells, 2, args=([cell],), pg_timeout_s=3.0, timeout=120)
+    outcomes = [r[0] for r in assert_all_ok(results)]
+    assert [o["error"] for o in outcomes] == [None, None], outcomes
+    assert outcomes[0]["finished"] - outcomes[0]["started"] > 3.0
+    assert outcomes[0]["digest"] == outcomes[1]["digest"] == digest(module(3))
+    assert http_server.count("GET") == 1
+
+
+def test_a_crashed_fetcher_does_not_leave_the_others_hanging():
+    results = run_ranks(rank_jobs.crash_while_fetching, 3, timeout=60, check=False)
+    assert not results[0].ok  # rank 0 died without reporting
+    for result in results[1:]:
+        assert result.ok, result.traceback
+        assert result.value["error"] == "PretrainerError"
+        assert "Lost contact with the other ranks" in result.value["text"]
+        assert result.value["waited"] < 15
+
+
+def test_topology_groups_ranks_by_node():
+    views = assert_all_ok(run_ranks(rank_jobs.world_view, 4, nodes=2))
+    assert [v["node"] for v in views] == [0, 0, 1, 1]
+    assert all(v["nodes"] == 2 and v["node_of"] == (0, 0, 1, 1) for v in views)
+
+
+def test_launcher_without_process_group_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "encoder.ckpt").write_bytes(ckpt_bytes(module(1)))
+    pt = Pretrainer(tmp_path / "c", {"encoder": module(2)})
+    with pytest.raises(ConfigurationError, match="WORLD_SIZE=4 but torch.distributed is not initialised"):
+        pt.collect_files(default_source=tmp_path / "src", internal_ddp_handling=True)
+    assert not (tmp_path / "c" / "encoder.ckpt").exists()
+
+
+# ------------------------------------------------------------------------------------------
+# Simulated nodes
+# ------------------------------------------------------------------------------------------
+
+
+@needs_root
+@pytest.mark.parametrize("kind", ["url", "hub"])
+def test_nodes_that_do_not_share_the_folder_fetch_once_each(sources, tmp_path, http_server, hub, kind):
+    source, expected = sources.publish(kind, f"pernode-{kind}")
+    node_root = tmp_path / "node_local"
+    cell = {"collect_in": str(node_root / "collect"), "source": source, "strategy": "SYMLINK"}
+    private = [str(node_root)]
+    if kind == "hub":
+        private.append(os.environ["HF_HUB_CACHE"])
+    results = run_ranks(rank_jobs.collect_cells, 4, args=([cell],), nodes=2, private=private, timeout=180)
+    outcomes = [r[0] for r in assert_all_ok(results)]
+    for rank, outcome in enumerate(outcomes):
+        assert outcome["error"] is None, f"rank {rank}: {outcome['text']}"
+        assert outcome["digest"] == expected
+    assert sources.gets(kind, f"pernode-{kind}") == 2  # one per node
+    assert not (node_root / "collect" / "encoder.ckpt").exists()  # nothing leaked onto the real disk
+
+
+@needs_root
+def test_per_node_false_on_unshared_folders_fails_everywhere_with_a_hint(sources, tmp_path, http_server, hub):
+    source, _ = sources.publish("url", "unshared")
+    node_root = tmp_path / "node_local"
+    cell = {"collect_in": str(node_root / "collect"), "source": source, "per_node": False}
+    outcomes = [r[0] for r in assert_all_ok(run_ranks(rank_jobs.collect_cells, 4, args=([cell],), nodes=2, private=[str(node_root)]))]
+    assert {o["error"] for o in outcomes} == {"PretrainerError"}
+    assert len({o["text"] for o in outcomes}) == 1
+    assert "Rank 2 cannot read the files that rank 0 collected" in outcomes[0]["text"]
+    assert "collect_per_node='auto' or True" in outcomes[0]["text"]
+
+
+def test_nodes_sharing_the_folder_fetch_once_per_job(sources, tmp_path, http_server, hub):
+    source, expected = sources.publish("url", "shared")
+    cell = {"collect_in": str(tmp_path / "collect"), "source": source}
+    outcomes = [r[0] for r in assert_all_ok(run_ranks(rank_jobs.collect_cells, 4, args=([cell],), nodes=2))]
+    assert all(o["error"] is None and o["digest"] == expected for o in outcomes)
+    assert sources.gets("url", "shared") == 1
+
+
+def test_per_node_true_on_a_shared_folder_still_downloads_once(sources, tmp_path, http_server, hub):
+    # Both nodes' first ranks collect into the same folder: the lock makes the second reuse the first's file.
+    source, expected = sources.publish("url", "pernode-shared")
+    cell = {"collect_in": str(tmp_path / "collect"), "source": source, "per_node": True}
+    outcomes = [r[0] for r in assert_all_ok(run_ranks(rank_jobs.collect_cells, 4, args=([cell],), nodes=2))]
+    assert all(o["error"] is None and o["digest"] == expected for o in outcomes)
+    assert sources.gets("url", "pernode-shared") == 1
+
+
+# ------------------------------------------------------------------------------------------
+# No race
+# ------------------------------------------------------------------------------------------
+
+
+def test_no_race_eight_ranks_twenty_repetitions(sources, tmp_path, http_server, hub):
+    # SpeechBrain fetches local sources on every rank: FileExistsError and torn reads here.
+    source, expected = sources.publish("local", "race")
+    cells = [
+        {"collect_in": str(tmp_path / "race-symlink"), "source": source, "strategy": "SYMLINK"},
+        {"collect_in": str(tmp_path / "race-copy"), "source": source, "strategy": "COPY",
+         "fetch_config": {"overwrite": True}},
+    ]
+    results = run_ranks(rank_jobs.collect_repeatedly, 8, args=(cells, 20), timeout=400)
+    outcomes = assert_all_ok(results)
+    failures = [(rank, o["text"]) for rank, per in enumerate(outcomes) for o in per if o["error"]]
+    assert failures == []
+    assert {o["digest"] for per in outcomes for o in per} == {expected}
+    assert all(len(per) == 40 for per in outcomes)
