@@ -1,0 +1,430 @@
+"""PretrainerCallback: pretrained weights in a Lightning Trainer, on every strategy.
+
+This is the only module of pl_pretrain that imports Lightning. It runs the Pretrainer's distributed
+protocol inside ``Callback.setup`` (the process group exists, the model is not wrapped yet), loads
+right after ``configure_model`` when the LightningModule builds layers there, stays out of the way
+of a checkpoint resume and of ``test`` after ``fit``, and records in every Lightning checkpoint
+where the initial weights came from.
+
+Lightning Fabric users call `load_pretrained(fabric, pretrainer)` instead.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import sys
+import time
+import weakref
+from typing import Any, Callable, Literal, Mapping, Optional, Sequence, Union
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import BaseFinetuning
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+from pl_pretrain.errors import ConfigurationError
+from pl_pretrain.fetching import FetchConfig, LocalStrategy
+from pl_pretrain.pretrainer import PARAMFILE_EXT, Pretrainer
+from pl_pretrain.transfer import TransferOptions, TransferReport, format_reports
+
+__all__ = ["PretrainerCallback", "load_pretrained"]
+
+log = logging.getLogger(__name__)
+
+_STAGES = ("fit", "validate", "test", "predict")
+_SELF = "self"
+
+
+class PretrainerCallback(Callback):
+    r"""Loads pretrained parameters into a LightningModule before training, on every rank.
+
+    In ``setup``, the fetching rank (global rank 0, or the first rank of each node whose folder is
+    not shared) collects the files, the other ranks wait for it, and every rank loads the same
+    files, before the strategy wraps the model (DDP, FSDP). A failure on any rank is raised on
+    every rank with the key, the source and the cause. When the LightningModule builds layers in
+    ``configure_model``, the load happens right after that hook.
+
+    It does not fight Lightning: with ``trainer.fit(model, ckpt_path=...)`` the resumed weights
+    win and nothing is fetched; ``trainer.test(model)`` after ``trainer.fit(model)`` does not load
+    the pretrained weights over the fine-tuned ones.
+
+    Args:
+        pretrainer: a ready `Pretrainer`. Give either this or the Pretrainer's arguments below.
+        collect_in: folder where files are collected as ``<key>.ckpt``; ``None`` loads them from
+            where they live (source folder, Hub cache).
+        loadables: key -> object, or key -> dotted attribute path on the LightningModule
+            (``"encoder"``, ``"model.decoder"``; ``"self"`` is the LightningModule itself), so the
+            callback can be written in LightningCLI YAML.
+        paths: key -> ``"<source>/<file>"`` (local path, URL, Hub ``org/repo/file``).
+        default_source: where keys without a path are looked for, as ``<default_source>/<key>.ckpt``.
+        custom_hooks: key -> ``hook(obj, path)``.
+        conditions: key -> bool or zero-argument callable; false skips the key.
+        checksums: key -> ``"sha256:<hex>"``, verified after fetching and before loading.
+        transfer_options: key -> `TransferOptions` (or a dict of its fields): key mapping, shape
+            policy, strictness, safe loading.
+        local_strategy: how files are placed in `collect_in` (`LocalStrategy`).
+        fetch_config: `FetchConfig` (revision, token, offline, retries...).
+        collect_per_node: ``False`` one fetch per job, ``True`` one per node, ``"auto"`` per node
+            only where the collection folder is not shared.
+        stages: the Trainer entry points that may load (``"fit"``, ``"validate"``, ``"test"``,
+            ``"predict"``). A module is loaded at most once: ``test`` after ``fit`` keeps the
+            fine-tuned weights; ``test`` on a fresh module loads.
+        freeze: ``True`` freezes every loaded module, or a list of keys to freeze (with
+            `BaseFinetuning.freeze`, so `BaseFinetuning` callbacks can unfreeze them later).
+        log_report: log the load report on rank zero and send it to the Trainer's loggers.
+        timeout: how long ranks wait for the fetching rank (default 24 h).
+
+    Example::
+
+        import lightning as L
+        from pl_pretrain import PretrainerCallback
+
+        cb = PretrainerCallback(
+            collect_in="pretrained",
+            loadables={"encoder": "encoder"},
+            paths={"encoder": "org/asr-model/encoder.ckpt"},
+        )
+        trainer = L.Trainer(strategy="ddp", devices=4, callbacks=[cb])
+        trainer.fit(model)
+    """
+
+    def __init__(
+        self,
+        pretrainer: Optional[Pretrainer] = None,
+        *,
+        collect_in: Optional[Union[str, os.PathLike]] = "./model_checkpoints",
+        loadables: Optional[Mapping[str, Any]] = None,
+        paths: Optional[Mapping[str, Any]] = None,
+        default_source: Optional[Union[str, os.PathLike]] = None,
+        custom_hooks: Optional[Mapping[str, Callable]] = None,
+        conditions: Optional[Mapping[str, Any]] = None,
+        checksums: Optional[Mapping[str, str]] = None,
+        transfer_options: Optional[Mapping[str, Union[TransferOptions, dict]]] = None,
+        local_strategy: LocalStrategy = LocalStrategy.SYMLINK,
+        fetch_config: Optional[FetchConfig] = None,
+        collect_per_node: Union[bool, Literal["auto"]] = "auto",
+        stages: Sequence[str] = _STAGES,
+        freeze: Union[bool, Sequence[str]] = False,
+        log_report: bool = True,
+        timeout: Optional[float] = None,
+    ) -> None:
+        super().__init__()
+        given = {
+            "loadables": loadables, "paths": paths, "custom_hooks": custom_hooks, "conditions": conditions,
+            "checksums": checksums, "transfer_options": transfer_options,
+        }
+        if pretrainer is not None:
+            extra = [name for name, value in given.items() if value]
+            if extra:
+                raise ConfigurationError(
+                    f"PretrainerCallback got a Pretrainer and also {', '.join(extra)}.",
+                    hint="Give either a ready Pretrainer, or the Pretrainer's arguments, not both.",
+                )
+            if not isinstance(pretrainer, Pretrainer):
+                raise ConfigurationError(f"pretrainer is a {type(pretrainer).__name__}, not a pl_pretrain.Pretrainer.")
+            self.pretrainer = pretrainer
+        else:
+            self.pretrainer = Pretrainer(
+                collect_in, loadables, paths, custom_hooks, conditions,
+                checksums=checksums, transfer_options=transfer_options,
+            )
+        if not self.pretrainer.loadables:
+            raise ConfigurationError(
+                "PretrainerCallback has nothing to load.",
+                hint="Pass loadables={'encoder': 'encoder'} (attribute paths on the LightningModule) or objects.",
+            )
+        unknown_stages = [s for s in stages if s not in _STAGES]
+        if isinstance(stages, str) or unknown_stages:
+            raise ConfigurationError(
+                f"stages={stages!r} must be a list drawn from {list(_STAGES)}.",
+                hint="For example stages=['fit'] loads only when training starts.",
+            )
+        if not isinstance(local_strategy, LocalStrategy):
+            raise ConfigurationError(f"local_strategy={local_strategy!r} is not a LocalStrategy.")
+        if fetch_config is not None and not isinstance(fetch_config, FetchConfig):
+            raise ConfigurationError(f"fetch_config is a {type(fetch_config).__name__}, not a FetchConfig.")
+        if collect_per_node not in (True, False, "auto"):
+            raise ConfigurationError(f"collect_per_node={collect_per_node!r} must be True, False or 'auto'.")
+        if not isinstance(freeze, bool):
+            unknown = sorted(set(freeze) - set(self.pretrainer.loadables))
+            if isinstance(freeze, str) or unknown:
+                raise ConfigurationError(
+                    f"freeze={freeze!r} names {unknown or [freeze]}, which are not loadable keys "
+                    f"({', '.join(sorted(self.pretrainer.loadables))}).",
+                    hint="Pass freeze=True, or a list of loadable keys.",
+                )
+        self.default_source = default_source
+        self.local_strategy = local_strategy
+        self.fetch_config = fetch_config if fetch_config is not None else FetchConfig()
+        self.collect_per_node = collect_per_node
+        self.stages = tuple(stages)
+        self.freeze = freeze
+        self.log_report = log_report
+        self.timeout = timeout
+        # Attribute paths as configured (the Pretrainer's loadables get the resolved objects).
+        self._targets: dict[str, Any] = dict(self.pretrainer.loadables)
+        self._loaded_modules: "weakref.WeakSet[LightningModule]" = weakref.WeakSet()
+        self.provenance: dict[str, dict[str, Any]] = {}
+        self.reports: dict[str, Optional[TransferReport]] = {}
+        self.resumed_from: Optional[str] = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            collect_in=str(self.pretrainer.collect_in), keys=sorted(self.pretrainer.loadables)
+        )
+
+    # ----------------------------------------------------------------------------------------
+    # Hooks
+    # ----------------------------------------------------------------------------------------
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Collects the files (fetching rank only), then loads them on every rank, before wrapping."""
+        stage = str(getattr(stage, "value", stage))
+        if stage not in self.stages:
+            return
+        resuming = _pending_ckpt_path(trainer)
+        load = not self._already_loaded(trainer, pl_module) and resuming is None
+        if resuming is not None and stage == "fit":
+            self.resumed_from = str(resuming)
+            rank_zero_info(f"pl_pretrain: resuming from {resuming}; its weights win, nothing is fetched.")
+        if load:
+            self.collect()
+        if not load and not (self.freeze and stage == "fit"):
+            return
+        if is_overridden("configure_model", pl_module):
+            self._after_configure_model(trainer, pl_module, load)
+        else:
+            self._finish(trainer, pl_module, load)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Returns where the initial weights came from, per loadable, for the checkpoint."""
+        return {"version": 1, "provenance": self.provenance, "sources": self.configured_sources()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restores the recorded provenance, and warns when this run is configured with other sources."""
+        recorded = state_dict.get("sources", {})
+        self.provenance = dict(state_dict.get("provenance", {}))
+        configured = self.configured_sources()
+        if recorded and recorded != configured:
+            changed = sorted(k for k in set(recorded) | set(configured) if recorded.get(k) != configured.get(k))
+            rank_zero_warn(
+                "pl_pretrain: the checkpoint being resumed was initialised from other pretrained sources than this run "
+                f"is configured with (keys: {', '.join(changed)}). Recorded: {recorded}. Configured: {configured}. "
+                "The resumed weights are kept."
+            )
+
+    # ----------------------------------------------------------------------------------------
+    # Steps (each does one thing)
+    # ----------------------------------------------------------------------------------------
+
+    def collect(self) -> None:
+        """Runs the distributed collection: one fetch per job or node, the same files on every rank."""
+        self.pretrainer.collect_files(
+            self.default_source,
+            internal_ddp_handling=True,
+            local_strategy=self.local_strategy,
+            fetch_config=self.fetch_config,
+            collect_per_node=self.collect_per_node,
+            timeout=self.timeout,
+        )
+
+    def load(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Optional[TransferReport]]:
+        """Loads the collected files into the (resolved) loadables on every rank; returns the reports."""
+        self.pretrainer.add_loadables(self._resolve_targets(pl_module))
+        started = time.time()
+        reports = self.pretrainer.load_collected()
+        self.reports = reports
+        self._mark_loaded(trainer, pl_module)
+        self.provenance = {
+            key: {**entry, "loaded_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            for key, entry in self.pretrainer.provenance().items()
+        }
+        if self.log_report:
+            self._log(trainer, reports, time.time() - started)
+        return reports
+
+    def freeze_loaded(self, pl_module: LightningModule) -> None:
+        """Freezes the modules chosen by `freeze` (requires_grad off, via BaseFinetuning.freeze)."""
+        if not self.freeze:
+            return
+        keys = list(self._targets) if self.freeze is True else list(self.freeze)
+        resolved = self._resolve_targets(pl_module)
+        modules = [resolved[k] for k in keys if isinstance(resolved.get(k), torch.nn.Module)]
+        BaseFinetuning.freeze(modules, train_bn=True)
+
+    def configured_sources(self) -> dict[str, dict[str, Any]]:
+        """Returns key -> the source this run is configured to load it from (no credentials)."""
+        pt = self.pretrainer
+        out = {}
+        for key in sorted(pt.loadables):
+            if key in pt.paths:
+                where = pt.paths[key]
+                where = str(getattr(where, "path", where))
+            elif self.default_source is not None:
+                where = f"{getattr(self.default_source, 'path', self.default_source)}/{key}{PARAMFILE_EXT}"
+            else:
+                where = None
+            from pl_pretrain.fetching import redact_url
+
+            out[key] = {
+                "path": redact_url(where) if isinstance(where, str) and "://" in where else where,
+                "revision": self.fetch_config.revision,
+                "checksum": pt.checksums.get(key),
+            }
+        return out
+
+    def _already_loaded(self, trainer: Trainer, pl_module: LightningModule) -> bool:
+        if pl_module in self._loaded_modules:
+            return True
+        # Under ddp_spawn the hooks run in child processes, and the main process gets back only the
+        # weights and `trainer.state`; the mark left on the state is how a later `trainer.test`
+        # (whose children start from the main process's copy) knows the module was fine-tuned.
+        spawned = type(getattr(trainer.strategy, "launcher", None)).__name__ == "_MultiProcessingLauncher"
+        return spawned and self.state_key in getattr(trainer.state, "_pl_pretrain_loaded", ())
+
+    def _mark_loaded(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._loaded_modules.add(pl_module)
+        marks = set(getattr(trainer.state, "_pl_pretrain_loaded", ()))
+        marks.add(self.state_key)
+        trainer.state._pl_pretrain_loaded = marks  # type: ignore[attr-defined]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # ddp_spawn pickles callbacks into fresh processes; a WeakSet does not pickle.
+        state = self.__dict__.copy()
+        state["_loaded_modules"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._loaded_modules = weakref.WeakSet()
+
+    def _finish(self, trainer: Trainer, pl_module: LightningModule, load: bool) -> None:
+        if load:
+            self.load(trainer, pl_module)
+        if trainer.state.fn is not None and str(getattr(trainer.state.fn, "value", trainer.state.fn)) == "fit":
+            self.freeze_loaded(pl_module)
+
+    def _after_configure_model(self, trainer: Trainer, pl_module: LightningModule, load: bool) -> None:
+        # Lightning offers no callback hook between `configure_model` and the strategy wrapping
+        # the model, so this instance's `configure_model` is wrapped once: the user's hook runs,
+        # then the load, then the class's own method is visible again.
+        original = pl_module.configure_model
+
+        def configure_model_then_load() -> None:
+            try:
+                original()
+            finally:
+                del pl_module.configure_model
+            self._finish(trainer, pl_module, load)
+
+        configure_model_then_load.__wrapped__ = original  # keeps `is_overridden` answering for the class
+        pl_module.configure_model = configure_model_then_load  # type: ignore[method-assign]
+
+    def _resolve_targets(self, pl_module: LightningModule) -> dict[str, Any]:
+        return {key: _resolve(pl_module, key, target) if isinstance(target, str) else target
+                for key, target in self._targets.items()}
+
+    def _log(self, trainer: Trainer, reports: Mapping[str, Optional[TransferReport]], seconds: float) -> None:
+        table = format_reports(reports)
+        if table:
+            rank_zero_info(f"pl_pretrain: loaded pretrained parameters in {seconds:.2f} s\n{table}")
+        incomplete = [k for k, r in reports.items() if r is not None and not r.complete]
+        if incomplete:
+            rank_zero_warn(
+                f"pl_pretrain: {', '.join(incomplete)} did not load completely (see the table above: missing, "
+                "unexpected or mismatched keys). Pass TransferOptions(strict=True) to make this an error."
+            )
+        hparams = {}
+        for key, entry in self.provenance.items():
+            for field in ("location", "revision", "commit", "sha256"):
+                if entry.get(field) is not None:
+                    hparams[f"pretrained/{key}/{field}"] = entry[field]
+            report = reports.get(key)
+            if report is not None:
+                hparams[f"pretrained/{key}/loaded"] = len(report.loaded)
+                hparams[f"pretrained/{key}/missing"] = len(report.missing)
+                hparams[f"pretrained/{key}/unexpected"] = len(report.unexpected)
+                hparams[f"pretrained/{key}/mismatched"] = len(report.mismatched)
+        for logger in trainer.loggers:
+            logger.log_hyperparams(hparams)
+
+
+def _resolve(pl_module: LightningModule, key: str, path: str) -> Any:
+    """Returns the object at the dotted attribute `path` of `pl_module` ("self" is the module)."""
+    if path in (_SELF, ""):
+        return pl_module
+    obj: Any = pl_module
+    walked = []
+    for part in path.split("."):
+        if not hasattr(obj, part):
+            where = ".".join(walked) or type(pl_module).__name__
+            children = sorted(name for name, _ in getattr(obj, "named_children", lambda: [])())
+            raise ConfigurationError(
+                f"{type(pl_module).__name__} has no attribute '{path}' ('{part}' is missing from {where}). "
+                f"{where} has: {', '.join(children) or 'no submodules'}.",
+                key=key,
+                hint="Give an attribute path that exists once configure_model has run, e.g. 'encoder' or "
+                "'model.decoder', or pass the object itself.",
+            )
+        obj = getattr(obj, part)
+        walked.append(part)
+    return obj
+
+
+def _pending_ckpt_path(trainer: Trainer) -> Optional[Any]:
+    """Returns the checkpoint this Trainer run is about to restore, if it can be known in ``setup``.
+
+    ``trainer.ckpt_path`` is set in ``setup`` only when the user assigned it; for
+    ``trainer.fit(model, ckpt_path=...)`` Lightning (2.x) keeps the path in the frame of
+    ``Trainer._run`` until after ``setup``. Reading it there avoids a needless fetch; if a future
+    Lightning moves it, the fetch happens and the restore still overwrites the weights.
+    """
+    if trainer.ckpt_path is not None:
+        return trainer.ckpt_path
+    frame = sys._getframe(1)
+    for _ in range(64):
+        if frame is None:
+            break
+        if frame.f_code.co_name == "_run" and frame.f_locals.get("self") is trainer:
+            return frame.f_locals.get("ckpt_path")
+        frame = frame.f_back
+    return None
+
+
+def load_pretrained(
+    fabric: Any,
+    pretrainer: Pretrainer,
+    default_source: Optional[Union[str, os.PathLike]] = None,
+    **collect_options: Any,
+) -> dict[str, Optional[TransferReport]]:
+    """Returns the load reports after running the collection protocol under Lightning Fabric.
+
+    Call it after ``fabric.launch()`` (the process group exists) and before ``fabric.setup(model)``
+    (so that the weights are in place before Fabric wraps or shards the model). `collect_options`
+    are `Pretrainer.collect_files` keyword arguments (``local_strategy``, ``fetch_config``,
+    ``collect_per_node``, ``timeout``).
+
+    Example::
+
+        fabric = L.Fabric(accelerator="cpu", devices=2, strategy="ddp")
+        fabric.launch()
+        model = Model()
+        pt = Pretrainer("pretrained", {"encoder": model.encoder}, paths={"encoder": "org/asr/encoder.ckpt"})
+        load_pretrained(fabric, pt)
+        model = fabric.setup(model)
+    """
+    if getattr(fabric, "world_size", 1) > 1 and not torch.distributed.is_initialized():
+        raise ConfigurationError(
+            "load_pretrained(fabric, ...) was called before fabric.launch(): the ranks cannot agree on who fetches.",
+            hint="Call fabric.launch() first.",
+        )
+    pretrainer.collect_files(default_source, internal_ddp_handling=True, **collect_options)
+    reports = pretrainer.load_collected()
+    table = format_reports(reports)
+    if table:
+        fabric.print(f"pl_pretrain: loaded pretrained parameters\n{table}")
+    return reports
