@@ -20,6 +20,7 @@ This module knows nothing about ranks or loadables.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import enum
@@ -59,6 +60,7 @@ __all__ = [
     "parse_checksum",
     "check_file_name",
     "redact_url",
+    "verify_sha256",
     "RECORD_DIR",
 ]
 
@@ -114,10 +116,15 @@ class FetchConfig:
         revision: Hub revision (branch, tag or commit). Part of a collected file's identity:
             changing it fetches again.
         huggingface_cache_dir: Hub cache folder; ``None`` is huggingface_hub's default (``HF_HOME``).
-        retries: how many times a transient network failure (reset, timeout, 5xx, 429, short read)
-            is retried, with exponential backoff, before it is reported.
-        timeout: seconds a network connection may stay silent before it counts as failed.
+        retries: how many times a transient network failure (reset, timeout, 5xx, 408, 429, short
+            read) is retried, with exponential backoff, before it is reported with its last cause.
+            A 4xx answer (404, 401, 403) is never retried.
+        timeout: seconds a network connection may stay silent before it counts as failed (for the
+            Hub, the metadata request; huggingface_hub's ``HF_HUB_DOWNLOAD_TIMEOUT`` governs its
+            file transfer).
         progress: show download progress bars (``None``: only when stderr is a terminal).
+        backoff: keyword only; seconds to wait before the first retry, doubled before each next
+            one (at most 30 s).
     """
 
     overwrite: bool = False
@@ -129,6 +136,7 @@ class FetchConfig:
     retries: int = 3
     timeout: float = 60.0
     progress: bool | None = None
+    backoff: float = dataclasses.field(default=0.5, kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -252,6 +260,27 @@ def _remove_record(savedir: pathlib.Path, save_filename: str) -> None:
     _record_path(savedir, save_filename).unlink(missing_ok=True)
 
 
+def _begin_placing(savedir: pathlib.Path, save_filename: str, source: str) -> None:
+    """Marks the destination as being replaced: a process killed before `_finish_placing` leaves a
+    file that no record vouches for, so the next run places it again instead of trusting it."""
+    try:
+        _write_record(savedir, save_filename, {"placing": True})
+    except OSError as error:
+        raise FetchError(f"Could not write in '{savedir / RECORD_DIR}': {error}", source=source) from error
+
+
+def _finish_placing(savedir: pathlib.Path, save_filename: str, record: dict[str, Any], source: str) -> None:
+    """Writes the record of a file just placed; if that fails, the file goes too (nothing vouches for it)."""
+    try:
+        _write_record(savedir, save_filename, record)
+    except OSError as error:
+        (savedir / save_filename).unlink(missing_ok=True)
+        raise FetchError(
+            f"Could not record '{savedir / save_filename}' in '{savedir / RECORD_DIR}': {error}; the file was removed.",
+            source=source,
+        ) from error
+
+
 def _identity(fetch_from: FetchFrom, source: str, filename: str, revision: str | None) -> dict[str, Any]:
     return {
         "fetch_from": fetch_from.name,
@@ -322,7 +351,7 @@ def _tmp_beside(dst: pathlib.Path) -> pathlib.Path:
     return dst.with_name(f".{dst.name}.{uuid.uuid4().hex}.tmp")
 
 
-def _atomic_copy(src: pathlib.Path, dst: pathlib.Path) -> None:
+def _atomic_copy(src: pathlib.Path, dst: pathlib.Path, source: str) -> None:
     tmp = _tmp_beside(dst)
     try:
         with open(src, "rb") as fin, open(tmp, "wb") as fout:
@@ -331,7 +360,7 @@ def _atomic_copy(src: pathlib.Path, dst: pathlib.Path) -> None:
             os.fsync(fout.fileno())
         os.replace(tmp, dst)
     except OSError as error:
-        raise FetchError(f"Could not copy '{src}' to '{dst}': {error}", source=str(src)) from error
+        raise FetchError(f"Could not copy '{src}' to '{dst}': {error}", source=source) from error
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -363,7 +392,7 @@ def _atomic_symlink(target: pathlib.Path, dst: pathlib.Path) -> bool:
     return True
 
 
-def _place(src: pathlib.Path, dst: pathlib.Path, strategy: LocalStrategy) -> pathlib.Path:
+def _place(src: pathlib.Path, dst: pathlib.Path, strategy: LocalStrategy, source: str) -> pathlib.Path:
     """Places `src` at `dst` by `strategy` and returns the path to load."""
     if strategy is LocalStrategy.NO_LINK:
         return src
@@ -373,13 +402,13 @@ def _place(src: pathlib.Path, dst: pathlib.Path, strategy: LocalStrategy) -> pat
         if dst.is_symlink() and os.path.realpath(dst) == str(dst):
             raise FetchError(
                 f"'{dst}' is a symbolic link that points to itself.",
-                source=str(src.parent),
+                source=source,
                 hint="Remove it by hand; did you call fetch() with source == savedir?",
             )
         return dst
     if strategy is LocalStrategy.SYMLINK and _atomic_symlink(src, dst):
         return dst
-    _atomic_copy(src, dst)
+    _atomic_copy(src, dst, source)
     return dst
 
 
@@ -428,16 +457,17 @@ def _offline() -> bool:
     return bool(constants.is_offline_mode())
 
 
-def _retrying(what: str, attempts: int, call, *, source: str):
-    """Runs `call` until it succeeds, retrying `_Transient` failures with exponential backoff."""
-    delay = 0.5
+def _retrying(what: str, config: FetchConfig, call, *, source: str):
+    """Runs `call` until it succeeds, retrying `_Transient` failures `config.retries` times with backoff."""
+    attempts = max(0, int(config.retries))
+    delay = max(0.0, float(config.backoff))
     for attempt in range(attempts + 1):
         try:
             return call()
         except _Transient as error:
             if attempt == attempts:
                 raise FetchError(
-                    f"{what} failed {attempts + 1} times; last cause: {error}",
+                    f"{what} failed {attempts + 1} time{'s' if attempts else ''}; last cause: {error}",
                     source=source,
                     hint="The server or the network is failing; try again later, or raise FetchConfig(retries=...).",
                 ) from error
@@ -456,13 +486,23 @@ def _progress_bar(total: int | None, name: str, enabled: bool | None):
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=name, disable=not enabled, leave=False)
 
 
-def _download_url(url: str, dst: pathlib.Path, config: FetchConfig, *, source: str) -> tuple[str, int]:
-    """Downloads `url` to `dst` whole or not at all; returns (sha256, size)."""
-    safe_url = redact_url(url)
+def _download_url(url: str, dst: pathlib.Path, config: FetchConfig, *, source: str) -> tuple[pathlib.Path, str, int]:
+    """Downloads `url` whole into a temporary file beside `dst`; returns (that file, sha256, size).
 
-    def attempt() -> tuple[str, int]:
+    The caller renames the file into place (or removes it). Credentials in the address
+    (``https://user:pass@host/...``) are sent as a Basic ``Authorization`` header that does not
+    follow redirects, and never appear in a message.
+    """
+    safe_url = redact_url(url)
+    request_url, authorization = _split_credentials(url)
+    secrets = _url_secrets(url)
+
+    def attempt() -> tuple[pathlib.Path, str, int]:
         tmp = _tmp_beside(dst)
-        request = urllib.request.Request(url, headers={"User-Agent": "pl-pretrain", "Accept-Encoding": "identity"})
+        request = urllib.request.Request(request_url, headers={"User-Agent": "pl-pretrain", "Accept-Encoding": "identity"})
+        if authorization is not None:
+            request.add_unredirected_header("Authorization", authorization)
+        done = False
         try:
             with urllib.request.urlopen(request, timeout=config.timeout) as response:
                 length = response.headers.get("Content-Length")
@@ -478,41 +518,91 @@ def _download_url(url: str, dst: pathlib.Path, config: FetchConfig, *, source: s
                     out.flush()
                     os.fsync(out.fileno())
                 if expected is not None and size != expected:
-                    raise _Transient(f"got {size} bytes of the {expected} announced by Content-Length")
-            os.replace(tmp, dst)
-            return digest.hexdigest(), size
+                    raise _Transient(f"the connection ended after {size} of the {expected} bytes announced by Content-Length")
+            done = True
+            return tmp, digest.hexdigest(), size
         except urllib.error.HTTPError as error:
             if error.code >= 500 or error.code in (408, 429):
-                raise _Transient(f"HTTP {error.code} {error.reason}") from error
+                raise _Transient(f"HTTP {error.code} {error.reason}") from None
             hint = {
                 404: "Check the address; the server has no such file.",
-                401: "The server wants credentials; pl_pretrain sends none to plain URLs.",
+                401: "The server wants credentials; give them in the address (https://user:token@host/...).",
                 403: "The server refuses access to this file.",
             }.get(error.code, "Check the address.")
-            raise FetchError(f"HTTP {error.code} {error.reason} for {safe_url}.", source=source, hint=hint) from error
-        except (urllib.error.URLError, http.client.HTTPException, ConnectionError, socket.timeout, TimeoutError) as error:
+            raise FetchError(f"HTTP {error.code} {error.reason} for {safe_url}.", source=source, hint=hint) from None
+        except (socket.timeout, TimeoutError):
+            raise _Transient(f"timed out: no data for {config.timeout:g} s (FetchConfig(timeout=...))") from None
+        except (urllib.error.URLError, http.client.HTTPException, ConnectionError) as error:
             reason = getattr(error, "reason", error)
-            raise _Transient(f"{type(error).__name__}: {reason}") from error
+            if isinstance(reason, (socket.timeout, TimeoutError)):
+                raise _Transient(f"timed out: no answer for {config.timeout:g} s (FetchConfig(timeout=...))") from None
+            raise _Transient(_scrub(f"{type(error).__name__}: {reason}", secrets)) from None
         except OSError as error:
             raise FetchError(f"Could not write '{dst}': {error}", source=source) from error
         finally:
-            tmp.unlink(missing_ok=True)
+            if not done:
+                tmp.unlink(missing_ok=True)
 
-    return _retrying(f"Downloading {safe_url}", config.retries, attempt, source=source)
+    return _retrying(f"Downloading {safe_url}", config, attempt, source=source)
+
+
+def _split_credentials(url: str) -> tuple[str, str | None]:
+    """Returns (`url` without ``user:pass@``, the Basic ``Authorization`` value for them or None)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url, None
+    netloc = parts.netloc.rpartition("@")[2]
+    user = urllib.parse.unquote(parts.username or "")
+    password = urllib.parse.unquote(parts.password or "")
+    token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc)), f"Basic {token}"
+
+
+def _url_secrets(url: str) -> list[str]:
+    """Returns the secret pieces of `url` (user, password, secret query values), to scrub from messages."""
+    parts = urllib.parse.urlsplit(url)
+    found = [parts.username or "", parts.password or ""]
+    found += [value for name, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True) if _is_secret(name)]
+    found = [piece for piece in found if len(piece) >= 3]
+    return found + [urllib.parse.quote(piece, safe="") for piece in found]
+
+
+def _scrub(text: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+_SECRET_NAME = re.compile(r"token|secret|passw|signature|credential|^sig$|^key$|api.?key|^auth", re.IGNORECASE)
+
+
+def _is_secret(name: str) -> bool:
+    return bool(_SECRET_NAME.search(name))
+
+
+def _redact_query(query: str) -> str:
+    """Returns a query string with the values of secret-looking parameters replaced by ``***``."""
+    pieces = []
+    for piece in query.split("&"):
+        name, sep, _ = piece.partition("=")
+        pieces.append(f"{name}{sep}***" if sep and _is_secret(urllib.parse.unquote_plus(name)) else piece)
+    return "&".join(pieces)
 
 
 def redact_url(url: str) -> str:
-    """Returns `url` with credentials and signatures masked, fit for logs and errors."""
+    """Returns `url` with credentials and secret query values (token, signature...) masked, fit for logs and errors."""
     parts = urllib.parse.urlsplit(url)
-    if parts.username or parts.password:
-        netloc = parts.hostname or ""
-        if parts.port:
-            netloc = f"{netloc}:{parts.port}"
-        parts = parts._replace(netloc=f"***@{netloc}")
-    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-    if any(k.lower() in ("token", "access_token", "sig", "signature", "x-amz-signature") for k, _ in query):
-        parts = parts._replace(query="***")
+    if parts.username is not None or parts.password is not None:
+        parts = parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2])
+    if parts.query:
+        parts = parts._replace(query=_redact_query(parts.query))
     return urllib.parse.urlunsplit(parts)
+
+
+def _redact_filename(filename: str) -> str:
+    """Returns a URL source's file name (which may end in ``?query``) with secret query values masked."""
+    path, sep, query = filename.partition("?")
+    return path + sep + _redact_query(query) if sep else filename
 
 
 def _url_cache_dir(url: str) -> pathlib.Path:
@@ -568,7 +658,7 @@ def _hub_download(
         except (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled) as error:
             raise OfflineError(
                 f"'{shown}' from {location} is not in the Hugging Face cache, and the network is off "
-                f"(allow_network={config.allow_network}, HF_HUB_OFFLINE={'1' if _offline() else '0'}).",
+                f"(offline: allow_network={config.allow_network}, HF_HUB_OFFLINE={'1' if _offline() else '0'}).",
                 source=source,
                 hint="Fetch it once with network (for example `pl-pretrain fetch` on a login node), or allow the network.",
             ) from _without_token(error, config)
@@ -580,19 +670,20 @@ def _hub_download(
             ) from _without_token(error, config)
         except hf_errors.RevisionNotFoundError as error:
             raise FetchError(
-                f"Revision '{config.revision}' does not exist in hub repo '{repo_id}'.",
+                f"Revision '{config.revision}' does not exist in hub repo '{repo_id}' (asked for '{shown}').",
                 source=source,
                 hint="Check FetchConfig(revision=...).",
             ) from _without_token(error, config)
         except hf_errors.GatedRepoError as error:
             raise FetchError(
-                f"Hub repo '{repo_id}' is gated and this token has no access (HTTP {_status(error)}).",
+                f"Hub repo '{repo_id}' is gated and this token has no access to '{shown}' (HTTP {_status(error)}).",
                 source=source,
                 hint="Accept the repo's conditions on the Hub, then use a token of that account.",
             ) from _without_token(error, config)
         except hf_errors.RepositoryNotFoundError as error:
             raise FetchError(
-                f"Hub repo '{repo_id}' was not found, or it is private and the request was not authorised (HTTP {_status(error)}).",
+                f"Could not fetch '{shown}': hub repo '{repo_id}' was not found, or it is private and the request "
+                f"was not authorised (HTTP {_status(error)}).",
                 source=source,
                 hint="Check the repo id; for a private repo set HF_TOKEN or FetchConfig(token=...).",
             ) from _without_token(error, config)
@@ -604,7 +695,7 @@ def _hub_download(
                     source=source,
                     hint="Set HF_TOKEN or FetchConfig(token=...) to a token that can read this repo.",
                 ) from _without_token(error, config)
-            if status is None or status >= 500 or status == 429:
+            if status is None or status >= 500 or status in (408, 429):
                 raise _Transient(f"HTTP {status} from the Hub") from _without_token(error, config)
             raise FetchError(
                 f"The Hub answered HTTP {status} for '{shown}' from {location}.", source=source
@@ -612,9 +703,12 @@ def _hub_download(
         except (httpx2.TransportError, ConnectionError, TimeoutError) as error:
             raise _Transient(f"{type(error).__name__}: {error}") from _without_token(error, config)
         except OSError as error:
+            if error.errno is None and "Consistency check failed" in str(error):
+                # huggingface_hub got fewer bytes than announced, after its own resumes.
+                raise _Transient(f"the download ended early: {str(error).splitlines()[0]}") from None
             raise FetchError(f"Could not store '{shown}' from {location}: {error}", source=source) from error
 
-    return _retrying(f"Downloading '{shown}' from {location}", config.retries, attempt, source=source)
+    return _retrying(f"Downloading '{shown}' from {location}", config, attempt, source=source)
 
 
 def _status(error: Exception) -> int | None:
@@ -703,7 +797,11 @@ def fetch_file(
             f"File name {filename!r} must be a relative path inside the source, without '..'.",
             source=source_text,
         )
-    save_filename = check_file_name(save_filename if save_filename is not None else filename.rsplit("/", 1)[-1])
+    default_name = filename.rsplit("/", 1)[-1]
+    if fetch_from is FetchFrom.URI:
+        default_name = default_name.partition("?")[0]  # a query (?token=...) is not part of the name
+    save_filename = check_file_name(save_filename if save_filename is not None else default_name)
+    expected = sha256.lower() if sha256 is not None else None
 
     if savedir is None:
         if fetch_from is FetchFrom.URI:
@@ -717,49 +815,73 @@ def fetch_file(
         savedir_path = pathlib.Path(savedir).expanduser().absolute()
 
     if fetch_from is FetchFrom.LOCAL:
-        fetched = _fetch_local(source_text, filename, savedir_path, save_filename, local_strategy, config)
-    elif savedir_path is None or (fetch_from is FetchFrom.HUGGING_FACE and local_strategy is LocalStrategy.NO_LINK):
-        fetched = _fetch_remote_unplaced(fetch_from, source_text, filename, config)
-    else:
-        _make_dirs(savedir_path, source_text)
-        with _locked(savedir_path, save_filename):
-            fetched = _fetch_remote_placed(
-                fetch_from, source_text, filename, savedir_path, save_filename, local_strategy, config
-            )
-    if sha256 is not None:
-        fetched = verify_sha256(fetched, sha256)
-    return fetched
+        return _fetch_local(source_text, filename, savedir_path, save_filename, local_strategy, config, expected)
+    if savedir_path is None or (fetch_from is FetchFrom.HUGGING_FACE and local_strategy is LocalStrategy.NO_LINK):
+        return _checked(_fetch_remote_unplaced(fetch_from, source_text, filename, config), expected)
+    _make_dirs(savedir_path, source_text if fetch_from is not FetchFrom.URI else redact_url(source_text))
+    with _locked(savedir_path, save_filename):
+        # Verified under the lock: a bad file is removed before another process can reuse it.
+        fetched = _fetch_remote_placed(fetch_from, source_text, filename, savedir_path, save_filename, local_strategy, config)
+        return _checked(fetched, expected)
 
 
-def verify_sha256(fetched: Fetched, expected: str) -> Fetched:
-    """Returns `fetched` with its sha256 set if the file matches `expected`; else removes it and raises."""
-    actual = fetched.sha256 or file_sha256(fetched.path)
+def _checked(fetched: Fetched, expected: str | None) -> Fetched:
+    return fetched if expected is None else verify_sha256(fetched, expected)
+
+
+def verify_sha256(fetched: Fetched, expected: str, *, rehash: bool = False) -> Fetched:
+    """Returns `fetched` with its sha256 set if its file matches `expected`; else removes the file and raises.
+
+    The digest computed while downloading is used for a fresh download; a reused file, or any file
+    when `rehash` is True (before loading), is read again. Only files pl_pretrain placed (links and
+    copies in the collection folder, Hub cache entries) are removed, never a user's own source file.
+
+    Raises:
+        ChecksumError: naming the file, the expected and the actual digest.
+    """
+    fresh = fetched.sha256 is not None and not fetched.reused and not rehash
+    actual = fetched.sha256 if fresh else file_sha256(fetched.path)
     if actual != expected:
-        _discard(fetched)
+        removed = _discard(fetched)
+        what = f"'{fetched.path}' changed after it was collected: it" if rehash else f"'{fetched.location}'"
+        fate = "the file was removed" if removed else "the file was left in place (it is the source itself)"
         raise ChecksumError(
-            f"'{fetched.location}' has sha256 {actual}, but sha256 {expected} was expected; the file was removed.",
+            f"{what} has sha256 {actual}, but sha256 {expected} was expected; {fate}.",
             source=fetched.source,
             hint="The download is corrupt or the source changed: fetch again, or update the pinned checksum.",
         )
     return dataclasses.replace(fetched, sha256=actual)
 
 
-def _discard(fetched: Fetched) -> None:
-    """Removes a bad file from wherever pl_pretrain put it; a user's own source file is never deleted."""
+def _discard(fetched: Fetched) -> bool:
+    """Removes a bad file from wherever pl_pretrain put it; returns False when it is the user's own file."""
     path = fetched.path
-    real = pathlib.Path(os.path.realpath(path))
-    if fetched.fetch_from is FetchFrom.HUGGING_FACE and real.parent.name == "blobs":
-        real.unlink(missing_ok=True)  # else the Hub cache would serve the corrupt blob again
-    if fetched.fetch_from is FetchFrom.LOCAL and str(real) == os.path.realpath(fetched.location):
-        if path.is_symlink():
-            path.unlink(missing_ok=True)
-    else:
-        path.unlink(missing_ok=True)
+    if fetched.fetch_from is FetchFrom.LOCAL and os.path.abspath(path) == os.path.abspath(fetched.location):
+        return False  # NO_LINK, or the source folder is the collection folder: the user's file
+    if fetched.fetch_from is FetchFrom.HUGGING_FACE:
+        # Else the Hub cache would serve the same bad bytes again.
+        pointer = pathlib.Path(os.path.join(path.parent, os.readlink(path))) if path.is_symlink() else path
+        _remove_hub_entry(pointer)
+    path.unlink(missing_ok=True)  # unlink never follows a link: a linked source file stays
     _remove_record(path.parent, path.name)
+    return True
+
+
+def _remove_hub_entry(pointer: pathlib.Path) -> None:
+    """Removes a file of the Hub cache: its blob and the ``snapshots/<commit>/`` entry that names it."""
+    real = pathlib.Path(os.path.realpath(pointer))
+    if real.parent.name == "blobs":
+        real.unlink(missing_ok=True)
+    if "snapshots" in pointer.parts:
+        pointer.unlink(missing_ok=True)
 
 
 def _join_url(prefix: str, filename: str) -> str:
-    return prefix.rstrip("/") + "/" + urllib.parse.quote(filename)
+    """Returns ``prefix/filename`` as a URL; a query on either (``?token=...``) is kept as a query."""
+    base, _, prefix_query = prefix.partition("?")
+    path, _, file_query = filename.partition("?")
+    query = "&".join(part for part in (prefix_query, file_query) if part)
+    return base.rstrip("/") + "/" + urllib.parse.quote(path) + (f"?{query}" if query else "")
 
 
 def _make_dirs(folder: pathlib.Path, source: str) -> None:
@@ -776,6 +898,7 @@ def _fetch_local(
     save_filename: str,
     strategy: LocalStrategy,
     config: FetchConfig,
+    expected: str | None,
 ) -> Fetched:
     src = (pathlib.Path(source).expanduser() / filename).absolute()
     if not src.is_file():
@@ -785,7 +908,7 @@ def _fetch_local(
     stat = src.stat()
     size = stat.st_size
     if savedir is None or strategy is LocalStrategy.NO_LINK:
-        return Fetched(src, FetchFrom.LOCAL, source, filename, str(src), size=size)
+        return _checked(Fetched(src, FetchFrom.LOCAL, source, filename, str(src), size=size), expected)
     _make_dirs(savedir, source)
     dst = savedir / save_filename
     with _locked(savedir, save_filename):
@@ -797,13 +920,17 @@ def _fetch_local(
             and _same(record, identity, strategy)
             and record.get("size") == size
             and record.get("mtime_ns") == stat.st_mtime_ns
-            and (strategy is not LocalStrategy.SYMLINK or os.path.realpath(dst) == os.path.realpath(src))
+            # a link must still lead to the source; a copy (SYMLINK fell back to COPY) is checked by size and time
+            and (not dst.is_symlink() or os.path.realpath(dst) == os.path.realpath(src))
+            and (strategy is not LocalStrategy.SYMLINK or dst.is_symlink() or record.get("linked") is False)
         ):
-            return _fetched_from_record(record, dst, reused=True)
-        path = _place(src, dst, strategy)
+            return _checked(_fetched_from_record(record, dst, reused=True), expected)
+        _begin_placing(savedir, save_filename, source)
+        path = _place(src, dst, strategy, source)
         placed = Fetched(path, FetchFrom.LOCAL, source, filename, str(src), size=size)
-        _write_record(savedir, save_filename, {**_record_of(placed, identity, strategy), "mtime_ns": stat.st_mtime_ns})
-        return placed
+        record = {**_record_of(placed, identity, strategy), "mtime_ns": stat.st_mtime_ns, "linked": path.is_symlink()}
+        _finish_placing(savedir, save_filename, record, source)
+        return _checked(placed, expected)
 
 
 def _fetch_remote_unplaced(fetch_from: FetchFrom, source: str, filename: str, config: FetchConfig) -> Fetched:
@@ -830,13 +957,14 @@ def _hub_fetched(path: pathlib.Path, source: str, filename: str, config: FetchCo
     commit, etag = _hub_provenance(cached)
     repo_id, subfolder = _split_hub_source(source)
     shown = f"{subfolder}/{filename}" if subfolder else filename
-    sha = _verified_etag(cached, etag, source) if etag is not None and _SHA256.match(etag) else None
+    location = f"hub:{repo_id}@{commit or config.revision or 'main'}/{shown}"
+    sha = _verified_etag(cached, etag, source, location) if etag is not None and _SHA256.match(etag) else None
     return Fetched(
         path,
         FetchFrom.HUGGING_FACE,
         source,
         filename,
-        location=f"hub:{repo_id}@{commit or config.revision or 'main'}/{shown}",
+        location=location,
         revision=config.revision,
         commit=commit,
         etag=etag,
@@ -845,14 +973,19 @@ def _hub_fetched(path: pathlib.Path, source: str, filename: str, config: FetchCo
     )
 
 
-def _verified_etag(path: pathlib.Path, etag: str, source: str) -> str:
-    """The Hub names LFS files by their sha256: returns it once the bytes are checked against it."""
-    actual = file_sha256(path)
+def _verified_etag(cached: pathlib.Path, etag: str, source: str, location: str) -> str:
+    """The Hub names LFS files by their sha256: returns it once the bytes are checked against it.
+
+    A file that does not match is removed from the Hub cache, so that the next fetch downloads it again.
+    """
+    actual = file_sha256(cached)
     if actual != etag:
+        _remove_hub_entry(cached)
         raise ChecksumError(
-            f"'{path}' has sha256 {actual}, but the Hub's ETag says {etag}.",
+            f"'{location}' has sha256 {actual}, but the Hub's ETag says sha256 {etag}; "
+            "the file was removed from the Hugging Face cache.",
             source=source,
-            hint="The cached copy is corrupt: delete it from the Hugging Face cache and fetch again.",
+            hint="The download or the cached copy was corrupt: fetch again.",
         )
     return actual
 
@@ -867,7 +1000,11 @@ def _fetch_remote_placed(
     config: FetchConfig,
 ) -> Fetched:
     dst = savedir / save_filename
-    identity = _identity(fetch_from, source, filename, config.revision)
+    uri = fetch_from is FetchFrom.URI
+    # What is recorded and shown of a URL never holds its credentials.
+    shown_source = redact_url(source) if uri else source
+    shown_filename = _redact_filename(filename) if uri else filename
+    identity = _identity(fetch_from, shown_source, shown_filename, config.revision)
     record = _read_record(savedir, save_filename)
     network = config.allow_network and not _offline()
     known = record is not None and _same(record, identity, strategy)
@@ -878,20 +1015,27 @@ def _fetch_remote_placed(
     if record is None and _usable(dst) and not config.overwrite:
         # A file put there by hand or by an older tool: SpeechBrain reuses it, and so do we.
         logger.info("Using '%s', which was already there (no record of its source).", dst)
-        return Fetched(dst, fetch_from, source, filename, str(dst), revision=config.revision, size=dst.stat().st_size, reused=True)
+        return Fetched(
+            dst, fetch_from, shown_source, shown_filename, str(dst), revision=config.revision, size=dst.stat().st_size, reused=True
+        )
 
-    if fetch_from is FetchFrom.URI:
+    if uri:
         url = _join_url(source, filename)
         if not network:
             raise OfflineError(
                 f"'{redact_url(url)}' has not been collected into '{savedir}', and the network is off "
-                f"(allow_network={config.allow_network}, HF_HUB_OFFLINE={'1' if _offline() else '0'}).",
-                source=redact_url(source),
+                f"(offline: allow_network={config.allow_network}, HF_HUB_OFFLINE={'1' if _offline() else '0'}).",
+                source=shown_source,
                 hint="Fetch it once with network (for example `pl-pretrain fetch`), or allow the network.",
             )
-        sha, size = _download_url(url, dst, config, source=redact_url(source))
-        placed = Fetched(dst, FetchFrom.URI, redact_url(source), filename, redact_url(url), sha256=sha, size=size)
-        _write_record(savedir, save_filename, _record_of(placed, identity, strategy))
+        tmp, sha, size = _download_url(url, dst, config, source=shown_source)
+        try:
+            _begin_placing(savedir, save_filename, shown_source)
+            _move(tmp, dst, shown_source)
+        finally:
+            tmp.unlink(missing_ok=True)
+        placed = Fetched(dst, FetchFrom.URI, shown_source, shown_filename, redact_url(url), sha256=sha, size=size)
+        _finish_placing(savedir, save_filename, _record_of(placed, identity, strategy), shown_source)
         return placed
 
     repo_id, subfolder = _check_hub_id(source)
@@ -903,7 +1047,8 @@ def _fetch_remote_placed(
                 repo_id, filename, subfolder, config, cache_dir=scratch, source=source, local_only=not network
             )
             fetched = _hub_fetched(cached, source, filename, config, cached)
-            os.replace(os.path.realpath(cached), dst)
+            _begin_placing(savedir, save_filename, source)
+            _move(pathlib.Path(os.path.realpath(cached)), dst, source)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         placed = dataclasses.replace(fetched, path=dst)
@@ -913,9 +1058,17 @@ def _fetch_remote_placed(
             local_only=not network,
         )
         fetched = _hub_fetched(cached, source, filename, config, cached)
-        placed = dataclasses.replace(fetched, path=_place(cached, dst, strategy))
-    _write_record(savedir, save_filename, _record_of(placed, identity, strategy))
+        _begin_placing(savedir, save_filename, source)
+        placed = dataclasses.replace(fetched, path=_place(cached, dst, strategy, source))
+    _finish_placing(savedir, save_filename, _record_of(placed, identity, strategy), source)
     return placed
+
+
+def _move(src: pathlib.Path, dst: pathlib.Path, source: str) -> None:
+    try:
+        os.replace(src, dst)
+    except OSError as error:
+        raise FetchError(f"Could not move the fetched file into place at '{dst}': {error}", source=source) from error
 
 
 def _usable(dst: pathlib.Path) -> bool:

@@ -28,10 +28,10 @@ from pl_pretrain.fetching import (
     LocalStrategy,
     check_file_name,
     fetch_file,
-    file_sha256,
     guess_source,
     parse_checksum,
     redact_url,
+    verify_sha256,
 )
 from pl_pretrain.transfer import (
     DEFAULT_LOAD_HOOKS,
@@ -349,13 +349,8 @@ class Pretrainer:
         obj = self.loadables[key]
         try:
             if key in self.checksums:
-                expected = parse_checksum(self.checksums[key], key=key)
-                actual = file_sha256(fetched.path)
-                if actual != expected:
-                    raise FetchError(
-                        f"'{fetched.path}' changed after it was collected: sha256 {actual}, expected {expected}.",
-                        hint="Something rewrote the collected file; collect again with FetchConfig(overwrite=True).",
-                    )
+                # Verified again before loading: the file may have changed since it was collected.
+                verify_sha256(fetched, parse_checksum(self.checksums[key], key=key), rehash=True)
             result = self._call_hook(key, obj, fetched.path)
         except PretrainerError as error:
             raise error.with_context(key=key, source=fetched.location)

@@ -67,6 +67,7 @@ class _Base:
 
     def __init__(self) -> None:
         self.requests: list[Request] = []
+        self.arrived: list[tuple[str, str]] = []  # (method, path) as each request arrives, before any answer
         self.faults: dict[str, Fault] = {}
         self._lock = threading.Lock()
         handler = self._make_handler()
@@ -92,6 +93,12 @@ class _Base:
     def reset_log(self) -> None:
         with self._lock:
             self.requests.clear()
+            self.arrived.clear()
+
+    def arrivals(self, method: str | None = None, path_part: str = "") -> int:
+        """Returns how many requests arrived (counted before the answer, so a stalled one counts too)."""
+        with self._lock:
+            return sum(1 for m, p in self.arrived if (method is None or m == method) and path_part in p)
 
     def gets(self, path_part: str = "") -> list[Request]:
         """Returns the GET requests whose path contains `path_part` and that sent a body."""
@@ -105,6 +112,10 @@ class _Base:
     def fail(self, path_part: str, fault: Fault) -> None:
         """Makes requests whose path contains `path_part` misbehave as `fault` says."""
         self.faults[path_part] = fault
+
+    def _arrive(self, method: str, path: str) -> None:
+        with self._lock:
+            self.arrived.append((method, path))
 
     def _log(self, request: Request) -> None:
         with self._lock:
@@ -131,9 +142,11 @@ class _Base:
                 pass
 
             def do_HEAD(self) -> None:
+                server._arrive("HEAD", self.path)
                 server._handle(self, "HEAD")
 
             def do_GET(self) -> None:
+                server._arrive("GET", self.path)
                 server._handle(self, "GET")
 
         return Handler
@@ -226,12 +239,14 @@ class HubServer(_Base):
         super().__init__()
         self.repos: dict[str, _Repo] = {}
         self.sha256_etags = True
+        self.lying_etags: dict[str, str] = {}  # file name -> the ETag announced instead of the true one
 
     def clear(self) -> None:
         self.repos.clear()
         self.faults.clear()
         self.reset_log()
         self.sha256_etags = True
+        self.lying_etags.clear()
 
     def add_file(self, repo_id: str, filename: str, data: bytes, *, revision: str = "main", token: str | None = None) -> str:
         """Publishes `data` as `filename` at `revision` of `repo_id` (a new commit); returns the commit."""
@@ -276,6 +291,7 @@ class HubServer(_Base):
             )
             return
         etag = hashlib.sha256(body).hexdigest() if self.sha256_etags else hashlib.sha1(body).hexdigest()
+        etag = self.lying_etags.get(filename, etag)
         status, chunk, extra = _ranged(h, body)
         headers = {"ETag": f'"{etag}"', "X-Repo-Commit": commit, "Accept-Ranges": "bytes", **extra}
         self._send(h, method, status, headers, chunk if method == "GET" else body)
