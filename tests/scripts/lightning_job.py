@@ -1,0 +1,57 @@
+"""A Lightning fine-tune launched by the tests as a subprocess (ddp re-executes it per rank).
+
+Every rank records its encoder's fingerprint when training starts into $PL_PRETRAIN_RECORD_DIR
+(see tests/lightning_models.py), or the error it raised into error-rank<r>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import lightning as L  # noqa: E402
+
+from lightning_models import LateModel, Model  # noqa: E402
+from pl_pretrain import PretrainerCallback, PretrainerError  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--source", required=True)
+    parser.add_argument("--collect-in", required=True)
+    parser.add_argument("--strategy", default="ddp")
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--num-nodes", type=int, default=1)
+    parser.add_argument("--tag", default="job")
+    parser.add_argument("--late-model", action="store_true", help="build the layers in configure_model")
+    parser.add_argument("--test-after-fit", action="store_true")
+    args = parser.parse_args()
+
+    model = (LateModel if args.late_model else Model)(tag=args.tag)
+    callback = PretrainerCallback(collect_in=args.collect_in, loadables={"encoder": "encoder"}, default_source=args.source)
+    trainer = L.Trainer(
+        accelerator="cpu", strategy=args.strategy, devices=args.devices, num_nodes=args.num_nodes, max_steps=2,
+        callbacks=[callback],
+        logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        default_root_dir=os.environ.get("PL_PRETRAIN_RECORD_DIR", "."),
+    )
+    try:
+        trainer.fit(model)
+        if args.test_after_fit:
+            trainer.test(model)
+    except PretrainerError as error:
+        folder = pathlib.Path(os.environ["PL_PRETRAIN_RECORD_DIR"])
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"error-rank{trainer.global_rank}.json").write_text(
+            json.dumps({"type": type(error).__name__, "text": str(error), "key": error.key, "rank": error.rank})
+        )
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    main()
