@@ -718,7 +718,11 @@ def _status(error: Exception) -> int | None:
 
 def _without_token(error: BaseException, config: FetchConfig) -> BaseException:
     """Returns `error` with the configured token masked in its message (errors may be logged)."""
-    token = config.token if isinstance(config.token, str) else os.environ.get("HF_TOKEN")
+    token = config.token if isinstance(config.token, str) else None
+    if config.token is None:
+        from huggingface_hub import get_token
+
+        token = get_token()  # HF_TOKEN or the stored login
     if token and token in str(error):
         return FetchError(str(error).replace(token, "***"))
     return error

@@ -74,12 +74,17 @@ def collect_fails(collect_in, path, error_type, *causes, source=None, **kwargs):
     return error
 
 
-def assert_nothing_trusted(folder: pathlib.Path, name: str = FILE) -> None:
+def assert_nothing_trusted(folder: pathlib.Path, name: str = FILE, *, tmp_allowed: bool = False) -> None:
     """No file a later run would load: no file or link at the destination, no record vouching for
-    one, no temporary file (a record that only says "placing" vouches for nothing)."""
+    one (a record that only says "placing" vouches for nothing), and no temporary file unless
+    `tmp_allowed` (a killed process leaves them; the next run removes them under its lock)."""
     dst = folder / name
     assert not dst.exists() and not dst.is_symlink(), f"{dst} remains"
-    assert not list(folder.glob(".*.tmp")), list(folder.glob(".*.tmp"))
+    leftovers = [p.name for p in folder.iterdir() if p.name != RECORD_DIR] if folder.exists() else []
+    if tmp_allowed:
+        assert all(n.startswith(f".{name}.") and n.endswith(".tmp") for n in leftovers), leftovers
+    else:
+        assert not list(folder.glob(".*.tmp")), leftovers
     record = folder / RECORD_DIR / f"{name}.json"
     if record.exists():
         assert json.loads(record.read_text()) == {"placing": True}, record.read_text()
@@ -297,6 +302,35 @@ def test_collected_file_changed_between_runs_is_fetched_again(tmp_path, publishe
 
 
 # ------------------------------------------------------------------------------------------
+# Dying at the worst moment (kill -9 of a real process is in test_faults_processes.py)
+# ------------------------------------------------------------------------------------------
+
+
+def test_death_between_rename_and_record_is_not_trusted(tmp_path, http_server, monkeypatch):
+    old, new = ckpt_bytes(module(seed=1)), ckpt_bytes(module(seed=2))
+    url_old, url_new = http_server.add("a/enc.ckpt", old), http_server.add("b/enc.ckpt", new)
+    collect(tmp_path / "c", url_old)
+
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt  # the process dies right after the new file was renamed into place
+
+    with monkeypatch.context() as patch:
+        patch.setattr(fetching, "_finish_placing", die)
+        with pytest.raises(KeyboardInterrupt):
+            collect(tmp_path / "c", url_new)
+    assert (tmp_path / "c" / FILE).read_bytes() == new  # whole, but no record vouches for it
+    assert_nothing_trusted_record(tmp_path / "c")
+    # Asking for the old source again must not load the new bytes under the old record.
+    encoder, _ = collect(tmp_path / "c", url_old)
+    assert digest(encoder) == digest(module(seed=1))
+    assert http_server.arrivals("GET", "a/enc.ckpt") == 2
+
+
+def assert_nothing_trusted_record(folder: pathlib.Path, name: str = FILE) -> None:
+    assert json.loads((folder / RECORD_DIR / f"{name}.json").read_text()) == {"placing": True}
+
+
+# ------------------------------------------------------------------------------------------
 # Offline (allow_network=False; HF_HUB_OFFLINE=1 is in test_faults_processes.py)
 # ------------------------------------------------------------------------------------------
 
@@ -357,7 +391,7 @@ def _everything_said(error: BaseException | None, caplog, pt: Pretrainer | None,
     return "\n".join(parts)
 
 
-def test_hub_token_never_shown(tmp_path, hub, weights, caplog):
+def test_hub_token_never_shown(tmp_path, hub, weights, caplog, monkeypatch):
     token = "hf_TOPSECRET_token_123"
     hub.add_file("org/private", "enc.ckpt", weights[0], token=token)
     hub.fail("flaky.ckpt", Fault("status", times=-1, status=500))
@@ -372,6 +406,11 @@ def test_hub_token_never_shown(tmp_path, hub, weights, caplog):
         with pytest.raises(error_type) as info:
             collect(tmp_path / "c", path, **cfg)
         said.append(_everything_said(info.value, caplog, None, tmp_path / "c"))
+    monkeypatch.setenv("HF_TOKEN", token)  # token=None: huggingface_hub's own default
+    with pytest.raises(FetchError) as info:
+        collect(tmp_path / "c", "org/private/flaky.ckpt")
+    said.append(_everything_said(info.value, caplog, None, tmp_path / "c"))
+    monkeypatch.delenv("HF_TOKEN")
     encoder, pt = collect(tmp_path / "c", "org/private/enc.ckpt", token=token)
     assert digest(encoder) == weights[1]
     said.append(_everything_said(None, caplog, pt, tmp_path / "c"))
@@ -407,6 +446,24 @@ def test_url_credentials_are_sent_but_never_shown(tmp_path, http_server, weights
     basic = "Basic " + base64.b64encode(b"alice:s3cr3t-pass").decode()
     assert basic in {r.headers.get("authorization") for r in http_server.requests}
     assert all("s3cr3t" not in r.headers.get("authorization", "") for r in http_server.requests if "?token" in r.path)
+
+
+def test_callback_records_no_credentials(tmp_path, http_server, weights):
+    from pl_pretrain import PretrainerCallback
+
+    host = http_server.url.split("://", 1)[1]
+    http_server.add("m/enc.ckpt", weights[0])
+    callback = PretrainerCallback(
+        collect_in=tmp_path / "c",
+        loadables={KEY: module(seed=1), "decoder": module(seed=2)},
+        paths={KEY: f"http://alice:s3cr3t-pass@{host}/m/enc.ckpt", "decoder": f"http://{host}/m/enc.ckpt?token=qs-s3cr3t"},
+        fetch_config=FetchConfig(token="hf_TOPSECRET_token_123", **FAST),
+    )
+    callback.collect()
+    callback.pretrainer.load_collected()
+    text = json.dumps([callback.state_dict(), callback.pretrainer.provenance(), repr(callback.fetch_config)], default=str)
+    assert "s3cr3t" not in text and "hf_TOPSECRET" not in text, text
+    assert "***@" in text and "token=***" in text
 
 
 # ------------------------------------------------------------------------------------------
