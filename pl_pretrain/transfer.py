@@ -35,7 +35,7 @@ import logging
 import os
 import pathlib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import torch
@@ -214,6 +214,28 @@ class TransferOptions:
         set_(self, "dtype", _as_dtype(self.dtype))
         set_(self, "device", _as_device(self.device))
 
+    @classmethod
+    def coerce(cls, value: "TransferOptions | Mapping[str, Any] | None", *, key: str | None = None) -> "TransferOptions":
+        """Returns `value` as TransferOptions: itself, the defaults for None, or built from a dict of fields.
+
+        Raises:
+            ConfigurationError: an unknown field or a bad value, naming the loadable `key` when given.
+        """
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        where = f"transfer_options['{key}']" if key is not None else "Transfer options"
+        if not isinstance(value, Mapping):
+            raise ConfigurationError(f"{where} is a {type(value).__name__}; give a TransferOptions or a dict.", key=key)
+        try:
+            return cls(**value)
+        except TypeError as error:
+            known = ", ".join(f.name for f in fields(cls))
+            raise ConfigurationError(f"{where} has an unknown field: {error}.", key=key, hint=f"Known fields: {known}.") from None
+        except ConfigurationError as error:
+            raise error.with_context(key=key)
+
 
 def _patterns(name: str, value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
@@ -249,19 +271,6 @@ def _as_device(value: Any) -> torch.device | None:
         raise ConfigurationError(
             f"TransferOptions(device={value!r}) is not a device: {error}", hint='Give e.g. device="cpu" or "cuda:0".'
         ) from None
-
-
-def _options_from(options: TransferOptions | Mapping[str, Any] | None) -> TransferOptions:
-    if options is None:
-        return TransferOptions()
-    if isinstance(options, TransferOptions):
-        return options
-    if isinstance(options, Mapping):
-        try:
-            return TransferOptions(**options)
-        except TypeError as error:
-            raise ConfigurationError(f"Unknown transfer option: {error}.") from None
-    raise ConfigurationError(f"Transfer options are a {type(options).__name__}; give a TransferOptions or a dict.")
 
 
 def _human(n: int) -> str:
@@ -435,7 +444,7 @@ def read_state_dict(
         UnsafeCheckpointError: the file needs arbitrary code to unpickle and ``weights_only`` is on.
         TransferError: the file is not a checkpoint, or a shard is missing or unreadable.
     """
-    options = _options_from(options)
+    options = TransferOptions.coerce(options)
     path = pathlib.Path(path)
     fmt = detect_format(path)
     if fmt == "index":
@@ -660,7 +669,7 @@ def torch_parameter_transfer(
             mismatched. `UnsafeCheckpointError` when the file needs arbitrary code to unpickle.
         ConfigurationError: the options are invalid, or `key_map` sends two file keys to one target key.
     """
-    options = _options_from(options)
+    options = TransferOptions.coerce(options)
     path = pathlib.Path(path)
     source, fmt = read_state_dict(path, options)
     target = {name: t for name, t in obj.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor)}
@@ -680,11 +689,16 @@ def torch_parameter_transfer(
             report.mismatched[name] = (tuple(source[key].shape), tuple(target[name].shape))
         else:
             plan.append((name, key))
+    # Tied weights (an embedding shared with an output layer): files often hold one name only
+    # (safetensors refuses shared tensors), and filling that one fills the others.
+    filled = {id(target[name]) for name, _ in plan}
+    tied = [name for name in report.missing if id(target[name]) in filled]
+    report.missing = [name for name in report.missing if id(target[name]) not in filled]
     report.unexpected.extend(key for name, key in renamed.items() if name not in target)
-    _check(obj, path, report, options, target, {name for name, _ in plan})
+    _check(obj, path, report, options, filled)
 
     with torch.no_grad():
-        _place(obj, {name for name, _ in plan}, options)
+        _place(obj, filled, options)
         # Placement may have replaced buffers: copy into what the module holds now.
         target = obj.state_dict(keep_vars=True)
         for name, key in plan:
@@ -692,6 +706,7 @@ def torch_parameter_transfer(
             tensor.copy_(source[key])
             report.loaded.append(name)
             report.bytes += tensor.numel() * tensor.element_size()
+    report.loaded.extend(tied)
     del source  # releases the file mappings now, not whenever the caller drops the report
 
     if not report.complete:
@@ -785,10 +800,12 @@ def _check(
     path: pathlib.Path,
     report: TransferReport,
     options: TransferOptions,
-    target: Mapping[str, torch.Tensor],
-    loading: set[str],
+    loading: set[int],
 ) -> None:
-    """Raises, before anything is copied, when the plan breaks the shape policy or strictness."""
+    """Raises, before anything is copied, when the plan breaks the shape policy or strictness.
+
+    `loading` holds the ids of the target tensors the file will fill.
+    """
     if report.mismatched and options.on_mismatch == "error":
         shapes = "; ".join(f"{k}: file {list(a)} vs model {list(b)}" for k, (a, b) in list(report.mismatched.items())[:10])
         more = f" (and {len(report.mismatched) - 10} more)" if len(report.mismatched) > 10 else ""
@@ -807,7 +824,7 @@ def _check(
     on_meta = [
         name
         for name, tensor in _named_tensors(obj)
-        if tensor.is_meta and (options.device is None or name not in loading)
+        if tensor.is_meta and (options.device is None or id(tensor) not in loading)
     ]
     if on_meta:
         raise TransferError(
@@ -840,8 +857,10 @@ def _named_tensors(obj: torch.nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
                 yield dot + leaf, tensor
 
 
-def _place(obj: torch.nn.Module, loading: set[str], options: TransferOptions) -> None:
+def _place(obj: torch.nn.Module, loading: set[int], options: TransferOptions) -> None:
     """Moves `obj`'s tensors to ``options.dtype`` / ``options.device``; those about to be loaded are only allocated.
+
+    `loading` holds the ids of the tensors the file will fill.
 
     A tensor about to be filled from the file is never converted first (that would be a second
     full copy): it is replaced by an empty one that the copy then fills, one tensor at a time.
@@ -849,8 +868,7 @@ def _place(obj: torch.nn.Module, loading: set[str], options: TransferOptions) ->
     if options.dtype is None and options.device is None:
         return
     replaced: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(old) -> (old, new), for tied tensors
-    for module_name, module in obj.named_modules():
-        dot = module_name + "." if module_name else ""
+    for module in obj.modules():
         for slots in (module._parameters, module._buffers):
             for leaf, tensor in slots.items():
                 if tensor is None:
@@ -862,7 +880,7 @@ def _place(obj: torch.nn.Module, loading: set[str], options: TransferOptions) ->
                 device = options.device if options.device is not None else tensor.device
                 if tensor.dtype == dtype and tensor.device == device:
                     continue  # includes a tied parameter already placed under another name
-                if dot + leaf in loading:
+                if id(tensor) in loading:
                     new = torch.empty(tensor.shape, dtype=dtype, device=device)
                 else:
                     new = tensor.detach().to(dtype=dtype, device=device)

@@ -482,6 +482,29 @@ def test_a_model_built_on_the_meta_device_is_materialised_from_the_file(tmp_path
     assert report.complete and same(source, target)
 
 
+class Tied(torch.nn.Module):
+    """A language-model shape: the output layer shares the embedding's weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 4)
+        self.head = torch.nn.Linear(4, 10, bias=False)
+        self.head.weight = self.embed.weight
+
+
+def test_tied_weights_stored_under_one_name_fill_both(tmp_path):
+    import huggingface_hub
+
+    source = Tied()
+    huggingface_hub.save_torch_state_dict(source.state_dict(), tmp_path)  # keeps one name of the two
+    assert len(read_state_dict(tmp_path / "model.safetensors")[0]) == 1
+    with torch.device("meta"):
+        target = Tied()
+    report = torch_parameter_transfer(target, tmp_path / "model.safetensors", {"device": "cpu"})
+    assert report.complete and sorted(report.loaded) == ["embed.weight", "head.weight"]
+    assert target.head.weight is target.embed.weight and torch.equal(target.embed.weight, source.embed.weight)
+
+
 def test_options_come_from_plain_yaml_data_and_bad_values_say_what_to_change():
     options = TransferOptions(
         **{"include": ["encoder.*"], "exclude": "encoder.norm.*", "key_map": {"model.": ""}, "dtype": "torch.float16", "device": "cpu"}
@@ -497,6 +520,9 @@ def test_options_come_from_plain_yaml_data_and_bad_values_say_what_to_change():
         TransferOptions(key_map=["model."])
     with pytest.raises(ConfigurationError, match="unknown field"):
         Pretrainer(loadables={"e": Encoder()}, transfer_options={"e": {"stict": True}})
+    assert TransferOptions.coerce({"strict": True}).strict and TransferOptions.coerce(None) == TransferOptions()
+    with pytest.raises(ConfigurationError, match=r"\[loadable 'e'\] transfer_options\['e'\] has an unknown field.*Known fields: include"):
+        TransferOptions.coerce({"stict": True}, key="e")
     with pytest.raises(TypeError):
         TransferOptions(True)  # keywords only: a positional True means nothing to a reader
 
