@@ -467,7 +467,7 @@ def _retrying(what: str, config: FetchConfig, call, *, source: str):
         except _Transient as error:
             if attempt == attempts:
                 raise FetchError(
-                    f"{what} failed {attempts + 1} time{'s' if attempts else ''}; last cause: {error}",
+                    f"{what} failed {attempts + 1} time{'s' if attempts else ''}; last cause: {error}.",
                     source=source,
                     hint="The server or the network is failing; try again later, or raise FetchConfig(retries=...).",
                 ) from error

@@ -547,3 +547,19 @@ def test_every_rank_raises_the_same_error(tmp_path, http_server, hub, weights):
                 assert cause in text, f"{name}: {cause!r} not in {text}"
         assert_nothing_trusted(tmp_path / name)
     assert http_server.arrivals("GET", "m500/encoder.ckpt") == fast["retries"] + 1  # rank 0 only
+
+
+# ------------------------------------------------------------------------------------------
+# docs/faults.md names only tests that exist
+# ------------------------------------------------------------------------------------------
+
+
+def test_fault_table_names_real_tests():
+    import re
+
+    root = pathlib.Path(__file__).parent
+    table = (root.parent / "docs" / "faults.md").read_text()
+    named = set(re.findall(r"(test_faults\w*\.py)::(test_\w+)", table))
+    assert len(named) >= 25
+    for module_file, name in sorted(named):
+        assert f"def {name}(" in (root / module_file).read_text(), f"docs/faults.md names {module_file}::{name}"
