@@ -1,8 +1,9 @@
 """Loopback servers for the tests: a plain file server and a Hugging Face Hub look-alike.
 
 Both run in a thread of the test process on 127.0.0.1, record every request they get (so a test
-can count downloads), and can misbehave on purpose (drop a connection half-way, answer 500 first,
-announce more bytes than they send, send slowly).
+can count downloads; `arrivals` counts requests as they arrive, before any answer, so a stalled
+one counts too), and can misbehave on purpose (drop a connection half-way, answer 500 first,
+announce more bytes than they send, send slowly; the Hub can also announce a false ETag).
 
 `HubServer` answers what ``huggingface_hub.hf_hub_download`` asks for:
 ``HEAD``/``GET /{repo_id}/resolve/{revision}/{filename}`` with ``ETag``, ``X-Repo-Commit`` and
