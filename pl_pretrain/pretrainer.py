@@ -412,12 +412,22 @@ class Pretrainer:
 
 
 def _check_key(key: Any) -> None:
-    if not isinstance(key, str) or not key:
+    # A key becomes the file name <key>.ckpt inside collect_in: it must be a plain, visible name.
+    if not isinstance(key, str) or not key or key.strip(".") == "":
         raise ConfigurationError(
-            f"Loadable key {key!r} is not a plain file name: keys are non-empty strings.",
+            f"Loadable key {key!r} is not a plain file name: keys are non-empty strings, not '.' or '..'.",
+            key=key if isinstance(key, str) else None,
             hint="Use a name such as 'encoder'; it becomes the file 'encoder.ckpt'.",
         )
-    check_file_name(key + PARAMFILE_EXT, what=f"Loadable key {key!r} (file name")
+    try:
+        check_file_name(key + PARAMFILE_EXT)
+    except ConfigurationError:
+        raise ConfigurationError(
+            f"Loadable key {key!r} is not a plain file name: keys must not contain '/' or '\\', be absolute, "
+            f"or start with {RECORD_DIR!r}.",
+            key=key,
+            hint="Use a name such as 'encoder'; it becomes the file 'encoder.ckpt' inside collect_in.",
+        ) from None
 
 
 def _as_options(key: str, value: Union[TransferOptions, Mapping[str, Any]]) -> TransferOptions:

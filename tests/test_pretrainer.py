@@ -303,7 +303,7 @@ def test_unknown_keys_in_paths_are_a_clear_error(tmp_path):
         pt.collect_files(default_source="org/m")
 
 
-@pytest.mark.parametrize("key", ["../escape", "a/b", "", ".pl_pretrain"])
+@pytest.mark.parametrize("key", ["../escape", "a/b", "", ".pl_pretrain", "..", ".", "a\\b", "nul\x00"])
 def test_loadable_keys_cannot_leave_the_collection_folder(key):
     with pytest.raises(ConfigurationError, match="not a plain file name"):
         Pretrainer(loadables={key: module(1)})
