@@ -17,7 +17,7 @@ What it reads, found from the file's content (every collected file is called ``<
 - ``.safetensors`` files;
 - Hugging Face sharded checkpoints: a ``*.index.json`` whose ``weight_map`` names its shards
   (safetensors or torch files), looked up in ``<stem>.shards/`` beside the index, then beside the
-  index's real location.
+  index, then beside the index's real location (through links).
 
 Checkpoints are unpickled with ``weights_only=True``: a file that needs arbitrary code fails with
 `UnsafeCheckpointError` naming the globals it wanted; `TransferOptions(weights_only=False)` opts in,
@@ -573,7 +573,7 @@ def shard_folder_name(collected_name: str) -> str:
     """Returns the folder name, beside a collected index file, that holds its shards.
 
     ``encoder.ckpt`` -> ``encoder.shards``: the Pretrainer collects shards there, and the transfer
-    looks there first (then beside the index's real location).
+    looks there first (then beside the index, then beside the index's real location).
     """
     return pathlib.Path(collected_name).stem + ".shards"
 
@@ -611,17 +611,19 @@ def shard_names(path: PathLike) -> list[str] | None:
 
 
 def _shard_path(index: pathlib.Path, name: str) -> pathlib.Path:
-    """Returns where shard `name` of `index` is: the collected shard folder first, then beside the real index."""
+    """Returns where shard `name` of `index` is: the collected shard folder, beside the index, beside the real index."""
     places = [
-        index.parent / shard_folder_name(index.name) / name,
-        pathlib.Path(os.path.realpath(index)).parent / name,  # a symlinked or NO_LINK index
+        index.parent / shard_folder_name(index.name) / name,  # collected as <key>.shards/
+        index.parent / name,  # read where it lives: a source folder, a Hub snapshot (NO_LINK)
+        pathlib.Path(os.path.realpath(index)).parent / name,  # a link to the index in its source folder
     ]
     for place in places:
         if place.is_file():
             return place
+    folders = list(dict.fromkeys(str(p.parent) for p in places))
     raise TransferError(
-        f"Shard '{name}' of the sharded checkpoint '{index}' is not in {' nor '.join(repr(str(p.parent)) for p in places)}.",
-        hint="Collect the checkpoint again with the Pretrainer, which places the shards beside the index.",
+        f"Shard '{name}' of the sharded checkpoint '{index}' is in none of {', '.join(map(repr, folders))}.",
+        hint="Collect the checkpoint again with the Pretrainer: it collects the shards into <key>.shards/ beside the index.",
     )
 
 
