@@ -80,7 +80,7 @@ class TransferReport:
         mismatched: target key -> (shape in the file, shape in the target), left untouched
             (only with ``on_mismatch="skip"``; the default raises instead).
         format: the file's format: "torch", "torch-legacy", "lightning", "safetensors",
-            "sharded-safetensors" or "sharded-torch".
+            "sharded-safetensors" or "sharded-torch" (shards of both kinds: "sharded-safetensors+torch").
         bytes: bytes copied into the target.
         excluded: keys left out on purpose by ``include`` / ``exclude`` / ``key_map`` or by the
             detected `prefix`: target keys keep their values, file keys are not read. Each is
@@ -240,8 +240,9 @@ class TransferOptions:
 def _patterns(name: str, value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         return (value,)
-    if isinstance(value, Iterable) and all(isinstance(p, str) for p in value):
-        return tuple(value)
+    patterns = tuple(value) if isinstance(value, Iterable) else None
+    if patterns is not None and all(isinstance(p, str) for p in patterns):
+        return patterns
     raise ConfigurationError(
         f"TransferOptions({name}={value!r}) must be a glob pattern or a list of them.",
         hint=f'Give e.g. {name}=["encoder.*"].',
