@@ -28,7 +28,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from pl_pretrain.errors import ConfigurationError
 from pl_pretrain.fetching import FetchConfig, LocalStrategy
 from pl_pretrain.pretrainer import PARAMFILE_EXT, Pretrainer
-from pl_pretrain.transfer import TransferOptions, TransferReport, format_reports
+from pl_pretrain.transfer import TransferOptions, TransferReport, format_reports, incomplete_keys
 
 __all__ = ["PretrainerCallback", "load_pretrained"]
 
@@ -236,7 +236,7 @@ class PretrainerCallback(Callback):
         """Loads the collected files into the (resolved) loadables on every rank; returns the reports."""
         self.pretrainer.add_loadables(self._resolve_targets(pl_module))
         started = time.time()
-        reports = self.pretrainer.load_collected()
+        reports = self.pretrainer.load_collected(log_report=False)  # logged below, the Lightning way
         self.reports = reports
         self._mark_loaded(trainer, pl_module)
         self.provenance = {
@@ -332,7 +332,7 @@ class PretrainerCallback(Callback):
         table = format_reports(reports)
         if table:
             rank_zero_info(f"pl_pretrain: loaded pretrained parameters in {seconds:.2f} s\n{table}")
-        incomplete = [k for k, r in reports.items() if r is not None and not r.complete]
+        incomplete = incomplete_keys(reports)
         if incomplete:
             rank_zero_warn(
                 f"pl_pretrain: {', '.join(incomplete)} did not load completely (see the table above: missing, "

@@ -9,7 +9,6 @@ name. What it adds: `collect_files(internal_ddp_handling=True)` runs the distrib
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import logging
 import os
@@ -40,6 +39,7 @@ from pl_pretrain.transfer import (
     TransferReport,
     format_reports,
     get_default_hook,
+    incomplete_keys,
     shard_folder_name,
     shard_names,
     torch_parameter_transfer,
@@ -151,7 +151,7 @@ class Pretrainer:
     def add_transfer_options(self, options: Mapping[str, Union[TransferOptions, Mapping[str, Any]]]) -> None:
         """Adds or replaces transfer options (key -> `TransferOptions` or a dict of its fields)."""
         for key, value in options.items():
-            self.transfer_options[key] = _as_options(key, value)
+            self.transfer_options[key] = TransferOptions.coerce(value, key=key)
 
     @staticmethod
     def split_path(path: Source) -> tuple[Any, str]:
@@ -307,12 +307,16 @@ class Pretrainer:
     # Loading
     # ----------------------------------------------------------------------------------------
 
-    def load_collected(self) -> dict[str, TransferReport | None]:
+    def load_collected(self, *, log_report: bool = True) -> dict[str, TransferReport | None]:
         """Returns key -> `TransferReport` (None for non-module hooks) after loading every collected file.
 
         After `collect_files(internal_ddp_handling=True)` a failure on any rank is raised on every rank.
         If this rank did not call `collect_files` (SpeechBrain's ``run_on_main(collect_files)``
         pattern), the files are taken from ``<collect_in>/<key>.ckpt``.
+
+        Args:
+            log_report: log the reports as one table, on rank 0 only: at INFO when everything
+                loaded, as one WARNING naming the loadables that did not load completely.
         """
         if not self.collected:
             self.collected = self._found_in_collect_in()
@@ -322,9 +326,17 @@ class Pretrainer:
 
         reports = distributed.run_everywhere(work) if self._synchronised else work()
         self.reports = reports
-        if distributed.global_rank() == 0:
+        if log_report and distributed.global_rank() == 0:
             table = format_reports(reports)
-            if table:
+            incomplete = incomplete_keys(reports)
+            if incomplete:
+                logger.warning(
+                    "Pretrained parameters did not load completely into %s (TransferOptions(strict=True) makes this an "
+                    "error):\n%s",
+                    ", ".join(incomplete),
+                    table,
+                )
+            elif table:
                 logger.info("Loaded pretrained parameters:\n%s", table)
         return reports
 
@@ -428,22 +440,6 @@ def _check_key(key: Any) -> None:
             key=key,
             hint="Use a name such as 'encoder'; it becomes the file 'encoder.ckpt' inside collect_in.",
         ) from None
-
-
-def _as_options(key: str, value: Union[TransferOptions, Mapping[str, Any]]) -> TransferOptions:
-    if isinstance(value, TransferOptions):
-        return value
-    if isinstance(value, Mapping):
-        try:
-            return TransferOptions(**value)
-        except TypeError as error:
-            fields = ", ".join(f.name for f in dataclasses.fields(TransferOptions))
-            raise ConfigurationError(
-                f"transfer_options['{key}'] has an unknown field: {error}.", key=key, hint=f"Known fields: {fields}."
-            ) from None
-    raise ConfigurationError(
-        f"transfer_options['{key}'] is a {type(value).__name__}; give a TransferOptions or a dict.", key=key
-    )
 
 
 def _show_source(source: Source) -> str:

@@ -53,6 +53,7 @@ __all__ = [
     "get_default_hook",
     "torch_parameter_transfer",
     "format_reports",
+    "incomplete_keys",
     "detect_format",
     "read_state_dict",
     "shard_names",
@@ -325,6 +326,11 @@ def format_reports(reports: Mapping[str, "TransferReport | None"]) -> str:
         if r.excluded:
             lines.append(f"{key}: excluded (left out on purpose): {_few(r.excluded)}")
     return "\n".join(lines)
+
+
+def incomplete_keys(reports: Mapping[str, "TransferReport | None"]) -> list[str]:
+    """Returns the loadable keys whose report shows missing, unexpected or mismatched keys."""
+    return [key for key, report in reports.items() if report is not None and not report.complete]
 
 
 def _few(keys: list[str], limit: int = 10) -> str:
@@ -664,7 +670,7 @@ def torch_parameter_transfer(
     target (converting to the target's dtype and device on the way), so the transfer adds almost
     no private memory. Names are mapped and filtered by `options` (see `TransferOptions`). Every
     check (shapes, strictness, ambiguous names) runs before the first copy: a transfer that fails
-    leaves `obj` as it was. An incomplete transfer logs one warning that lists its keys once.
+    leaves `obj` as it was. The report says what did not load; the Pretrainer logs it once per job.
 
     Raises:
         TransferError: the file cannot be read, a key asked for has another shape (unless
@@ -711,9 +717,6 @@ def torch_parameter_transfer(
             report.bytes += tensor.numel() * tensor.element_size()
     report.loaded.extend(tied)
     del source  # releases the file mappings now, not whenever the caller drops the report
-
-    if not report.complete:
-        logger.warning("Transfer into %s was incomplete: %s%s", type(obj).__name__, report.summary(), _details(report))
     return report
 
 
