@@ -1011,7 +1011,8 @@ def _fetch_remote_placed(
     identity = _identity(fetch_from, shown_source, shown_filename, config.revision)
     record = _read_record(savedir, save_filename)
     network = config.allow_network and not _offline()
-    known = record is not None and _same(record, identity, strategy)
+    # A file whose size no longer matches its record was cut short or rewritten by something else.
+    known = record is not None and _same(record, identity, strategy) and _size_of(dst) == record.get("size")
     if not config.overwrite and _usable(dst) and known:
         hub_update = fetch_from is FetchFrom.HUGGING_FACE and config.allow_updates and network
         if not hub_update:
@@ -1073,6 +1074,13 @@ def _move(src: pathlib.Path, dst: pathlib.Path, source: str) -> None:
         os.replace(src, dst)
     except OSError as error:
         raise FetchError(f"Could not move the fetched file into place at '{dst}': {error}", source=source) from error
+
+
+def _size_of(path: pathlib.Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
 
 
 def _usable(dst: pathlib.Path) -> bool:

@@ -294,9 +294,11 @@ def test_collected_file_changed_between_runs_is_fetched_again(tmp_path, publishe
     path, _ = published["url"]
     pinned = f"sha256:{sha(weights[0])}"
     collect(tmp_path / "c", path, checksum=pinned)
-    (tmp_path / "c" / FILE).write_bytes(b"bit rot")
+    original = (tmp_path / "c" / FILE).read_bytes()
+    rotten = original[:100] + bytes([original[100] ^ 0xFF]) + original[101:]  # same size, one byte flipped
+    (tmp_path / "c" / FILE).write_bytes(rotten)
     # the next run re-hashes what it would reuse, removes it, and says so
-    collect_fails(tmp_path / "c", path, ChecksumError, sha(b"bit rot"), checksum=pinned)
+    collect_fails(tmp_path / "c", path, ChecksumError, sha(rotten), checksum=pinned)
     encoder, _ = collect(tmp_path / "c", path, checksum=pinned)  # and the run after fetches it again
     assert digest(encoder) == weights[1]
     assert http_server.arrivals("GET", "enc.ckpt") == 2

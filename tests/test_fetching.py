@@ -253,6 +253,14 @@ def test_url_download_appears_whole(http_server, tmp_path):
     assert (dest / "big.ckpt").read_bytes() == payload
 
 
+def test_url_truncated_after_collection_is_fetched_again(http_server, tmp_path):
+    http_server.add("m/enc.ckpt", b"0123456789" * 100)
+    path = fetch("enc.ckpt", f"{http_server.url}/m", tmp_path / "d")
+    path.write_bytes(path.read_bytes()[:500])  # something else cut it short
+    assert fetch("enc.ckpt", f"{http_server.url}/m", tmp_path / "d").read_bytes() == b"0123456789" * 100
+    assert http_server.count("GET") == 2
+
+
 def test_url_overwrite_downloads_again(http_server, tmp_path):
     http_server.add("m/enc.ckpt", b"v1")
     fetch("enc.ckpt", f"{http_server.url}/m", tmp_path / "d")
