@@ -52,6 +52,8 @@ __all__ = [
     "register_checkpoint_hooks",
     "get_default_hook",
     "torch_parameter_transfer",
+    "plan_transfer",
+    "diagnose_transfer",
     "format_reports",
     "incomplete_keys",
     "detect_format",
@@ -671,6 +673,7 @@ def torch_parameter_transfer(
     no private memory. Names are mapped and filtered by `options` (see `TransferOptions`). Every
     check (shapes, strictness, ambiguous names) runs before the first copy: a transfer that fails
     leaves `obj` as it was. The report says what did not load; the Pretrainer logs it once per job.
+    `plan_transfer` gives the same report without copying anything.
 
     Raises:
         TransferError: the file cannot be read, a key asked for has another shape (unless
@@ -680,6 +683,94 @@ def torch_parameter_transfer(
     """
     options = TransferOptions.coerce(options)
     path = pathlib.Path(path)
+    plan = _plan(obj, path, options)
+    _check(obj, path, plan.report, options, plan.filled)
+    return _apply(obj, plan, options)
+
+
+def plan_transfer(
+    obj: torch.nn.Module, path: PathLike, options: TransferOptions | Mapping[str, Any] | None = None
+) -> TransferReport:
+    """Returns the report `torch_parameter_transfer` would give, copying nothing (a dry run).
+
+    The file is read (through a memory map: shapes and dtypes, not the tensors' bytes), the keys
+    are mapped and matched and every check runs exactly as in the real transfer; `loaded` and
+    `bytes` say what would be copied. `obj` is not changed.
+
+    Raises:
+        TransferError, ConfigurationError: whatever `torch_parameter_transfer` would raise.
+    """
+    report, error = diagnose_transfer(obj, path, options)
+    if error is not None:
+        raise error
+    return report
+
+
+def diagnose_transfer(
+    obj: torch.nn.Module,
+    path: PathLike,
+    options: TransferOptions | Mapping[str, Any] | None = None,
+    *,
+    shapes_only: bool = False,
+) -> tuple[TransferReport, TransferError | None]:
+    """Returns (the report of a dry run, the error the real transfer would raise or None); copies nothing.
+
+    Unlike `plan_transfer`, a failing check (a shape mismatch under ``on_mismatch="error"``,
+    ``strict=True``) does not hide the report: it comes back with every key sorted, and the
+    error beside it. `loaded` then lists the keys that match, although a real transfer would
+    copy none of them. The error is the one the transfer raises, word for word.
+
+    Args:
+        shapes_only: `obj` was built only for its shapes (on the ``meta`` device, by a dry-run
+            tool): its meta tensors are not counted as a failure.
+
+    Raises:
+        TransferError, ConfigurationError: the file cannot be read, or the keys cannot be mapped
+            (these come before any report exists).
+    """
+    options = TransferOptions.coerce(options)
+    path = pathlib.Path(path)
+    plan = _plan(obj, path, options)
+    plan.source = {}  # only names and shapes are needed from here on: release the file mappings
+    report = plan.report
+    error = None
+    try:
+        # Before `loaded` is filled, as in the real transfer, so that the messages are the same.
+        _check(obj, path, report, options, plan.filled, meta=not shapes_only)
+    except TransferError as failed:
+        error = failed
+    for name, _ in plan.pairs:
+        tensor = plan.target[name]
+        dtype = options.dtype if options.dtype is not None and tensor.is_floating_point() else tensor.dtype
+        report.loaded.append(name)
+        report.bytes += tensor.numel() * dtype.itemsize  # what `_apply` counts once the tensor is placed
+    report.loaded.extend(plan.tied)
+    return report, error
+
+
+@dataclass
+class _Plan:
+    """What a transfer will do, before any check or copy.
+
+    Attributes:
+        report: the report so far: missing, unexpected, mismatched, excluded, prefix (not `loaded`).
+        source: the file's tensors (memory-mapped), by file key.
+        target: the target's tensors, by target key.
+        pairs: (target key, file key) for each tensor to copy.
+        tied: target keys filled through a tied tensor listed in `pairs`.
+        filled: ids of the target tensors the file will fill.
+    """
+
+    report: TransferReport
+    source: dict[str, torch.Tensor]
+    target: dict[str, torch.Tensor]
+    pairs: list[tuple[str, str]]
+    tied: list[str]
+    filled: set[int]
+
+
+def _plan(obj: torch.nn.Module, path: pathlib.Path, options: TransferOptions) -> _Plan:
+    """Returns what a transfer of `path` into `obj` would do: reads the file, maps and matches the keys."""
     source, fmt = read_state_dict(path, options)
     target = {name: t for name, t in obj.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor)}
     report = TransferReport(source=path, format=fmt)
@@ -689,7 +780,7 @@ def torch_parameter_transfer(
     shown = set(report.excluded)  # a file key and a target key often share a name: list it once
     report.excluded.extend(key for key in left_out if key not in shown)
 
-    plan: list[tuple[str, str]] = []  # (target key, file key)
+    pairs: list[tuple[str, str]] = []
     for name in asked:
         key = renamed.get(name)
         if key is None:
@@ -697,26 +788,30 @@ def torch_parameter_transfer(
         elif tuple(source[key].shape) != tuple(target[name].shape):
             report.mismatched[name] = (tuple(source[key].shape), tuple(target[name].shape))
         else:
-            plan.append((name, key))
+            pairs.append((name, key))
     # Tied weights (an embedding shared with an output layer): files often hold one name only
     # (safetensors refuses shared tensors), and filling that one fills the others.
-    filled = {id(target[name]) for name, _ in plan}
+    filled = {id(target[name]) for name, _ in pairs}
     tied = [name for name in report.missing if id(target[name]) in filled]
     report.missing = [name for name in report.missing if id(target[name]) not in filled]
     report.unexpected.extend(key for name, key in renamed.items() if name not in target)
-    _check(obj, path, report, options, filled)
+    return _Plan(report, source, target, pairs, tied, filled)
 
+
+def _apply(obj: torch.nn.Module, plan: _Plan, options: TransferOptions) -> TransferReport:
+    """Returns the report after copying the planned tensors into `obj` (the checks have passed)."""
+    report = plan.report
     with torch.no_grad():
-        _place(obj, filled, options)
+        _place(obj, plan.filled, options)
         # Placement may have replaced buffers: copy into what the module holds now.
         target = obj.state_dict(keep_vars=True)
-        for name, key in plan:
+        for name, key in plan.pairs:
             tensor = target[name]
-            tensor.copy_(source[key])
+            tensor.copy_(plan.source[key])
             report.loaded.append(name)
             report.bytes += tensor.numel() * tensor.element_size()
-    report.loaded.extend(tied)
-    del source  # releases the file mappings now, not whenever the caller drops the report
+    report.loaded.extend(plan.tied)
+    plan.source = {}  # releases the file mappings now, not whenever the caller drops the plan
     return report
 
 
@@ -807,10 +902,13 @@ def _check(
     report: TransferReport,
     options: TransferOptions,
     loading: set[int],
+    *,
+    meta: bool = True,
 ) -> None:
     """Raises, before anything is copied, when the plan breaks the shape policy or strictness.
 
-    `loading` holds the ids of the target tensors the file will fill.
+    `loading` holds the ids of the target tensors the file will fill. `meta`: also raise when
+    tensors on the meta device would be left without values.
     """
     if report.mismatched and options.on_mismatch == "error":
         shapes = "; ".join(f"{k}: file {list(a)} vs model {list(b)}" for k, (a, b) in list(report.mismatched.items())[:10])
@@ -830,7 +928,7 @@ def _check(
     on_meta = [
         name
         for name, tensor in _named_tensors(obj)
-        if tensor.is_meta and (options.device is None or id(tensor) not in loading)
+        if meta and tensor.is_meta and (options.device is None or id(tensor) not in loading)
     ]
     if on_meta:
         raise TransferError(
