@@ -15,7 +15,7 @@ import pytest
 import rank_jobs
 from dist import assert_all_ok, can_unshare, run_ranks
 from helpers import ckpt_bytes, digest, module
-from pl_pretrain import FetchConfig, LocalStrategy, Pretrainer
+from pl_pretrain import LocalStrategy, Pretrainer
 from pl_pretrain.errors import ConfigurationError
 from servers import Fault
 

@@ -88,11 +88,7 @@ def test_killed_mid_download_leaves_nothing_trusted_and_the_rerun_loads(tmp_path
         child.stderr.close()
     assert child.returncode == -signal.SIGKILL
     assert not out.exists()
-    # The server notices the dead peer at its next write and logs the cut-short answer; wait for
-    # that, so that no stale thread writes into a later test's log.
-    deadline = time.monotonic() + 10
-    while not server.gets("encoder.ckpt") and time.monotonic() < deadline:
-        time.sleep(0.05)
+    # The server logs each request when it arrives and counts the bytes as it sends them.
     cut = server.gets("encoder.ckpt")
     assert cut and cut[0].bytes_sent < len(data), "the download was not cut short"
 

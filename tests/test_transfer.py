@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from helpers import Encoder, module, same
+from helpers import Encoder, same
 from pl_pretrain import LocalStrategy, Pretrainer, TransferOptions, TransferReport, torch_parameter_transfer
 from pl_pretrain.errors import ConfigurationError, TransferError, UnsafeCheckpointError
 from pl_pretrain.transfer import format_reports, read_state_dict
