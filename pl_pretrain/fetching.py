@@ -70,6 +70,7 @@ RECORD_DIR = ".pl_pretrain"
 """Name of the folder, inside a collection folder, that holds records, locks and temporary files."""
 
 _CHUNK = 8 * 1024 * 1024
+_NET_CHUNK = 1024 * 1024  # smaller reads let the disk write while the network delivers
 _LOCK_TIMEOUT_S = 6 * 3600.0
 
 
@@ -510,7 +511,7 @@ def _download_url(url: str, dst: pathlib.Path, config: FetchConfig, *, source: s
                 digest = hashlib.sha256()
                 size = 0
                 with open(tmp, "wb") as out, _progress_bar(expected, dst.name, config.progress) as bar:
-                    while chunk := response.read(_CHUNK):
+                    while chunk := response.read(_NET_CHUNK):
                         out.write(chunk)
                         digest.update(chunk)
                         size += len(chunk)
