@@ -7,6 +7,7 @@ rank waits, both load it before DDP wraps the model, and the report says what wa
     python examples/finetune.py                    # 2 ranks (DDP, gloo), about 30 s
     python examples/finetune.py --devices 1        # one process
     python examples/finetune.py --from-scratch     # the same job without pretrained weights
+    srun python examples/finetune.py --accelerator gpu --num-nodes 2 --devices 4   # see examples/slurm/
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ PRETRAINED_SHA256 = "sha256:e9def5f3e2ca650dbc3285a8f89766c039ea705393228b3ce473
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--devices", type=int, default=2, help="processes per node (one per GPU under SLURM)")
+    parser.add_argument("--num-nodes", type=int, default=1, help="nodes (under SLURM: the job's node count)")
+    parser.add_argument("--accelerator", default="cpu", help="cpu, gpu, ... (Lightning's names)")
     parser.add_argument("--max-epochs", type=int, default=5)
     parser.add_argument("--out", type=pathlib.Path, default=HERE / "runs" / "finetune")
     parser.add_argument("--from-scratch", action="store_true", help="skip the pretrained weights (for comparison)")
@@ -49,9 +52,10 @@ def main() -> None:
             )
         )
     trainer = L.Trainer(
-        accelerator="cpu",
+        accelerator=args.accelerator,
         devices=args.devices,
-        strategy="ddp" if args.devices > 1 else "auto",
+        num_nodes=args.num_nodes,
+        strategy="ddp" if args.devices * args.num_nodes > 1 else "auto",
         max_epochs=args.max_epochs,
         callbacks=callbacks,
         default_root_dir=args.out,
