@@ -666,7 +666,10 @@ def run_plan(args: argparse.Namespace) -> int:
     print(f"checkpoint  {args.checkpoint}")
     print(f"options     {_options_text(options)}")
     print()
-    print(format_reports({target.key: report}))
+    # The load report's table (header and row); its per-key lines are printed in full below.
+    print("\n".join(format_reports({target.key: report}).splitlines()[:2]))
+    if report.prefix:
+        print(f"prefix '{report.prefix}': found in front of every model key in the file, and stripped")
     print()
     _print_keys(report, _shapes(module), args.limit)
     if hint:

@@ -312,7 +312,8 @@ def test_plan_finds_the_encoder_in_a_whole_model_checkpoint(whole_model_ckpt):
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "model       helpers:Encoder(dim=8), built on the meta device" in out
-    assert "model: file keys read under the prefix 'encoder.' (detected and stripped)" in out  # format_reports' table
+    assert "loadable  format  loaded  missing  unexpected  mismatched  excluded   size  source\n" in out  # format_reports'
+    assert "prefix 'encoder.': found in front of every model key in the file, and stripped" in out
     assert "would load: 4\n  proj.weight  [8, 8]\n" in out
     assert "excluded (left out on purpose): 2\n  classifier.weight\n  classifier.bias\n" in out
     assert out.rstrip().endswith("verdict: OK: a real load would copy 4 tensors (352 B) and leave nothing missing, "
