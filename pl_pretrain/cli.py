@@ -35,6 +35,7 @@ from pl_pretrain.transfer import (
     TransferOptions,
     TransferReport,
     _human,  # the one byte formatter, shared with the load report
+    detect_format,
     diagnose_transfer,
     format_reports,
     read_state_dict,
@@ -90,6 +91,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _fail(str(error), EXIT_FAILED)
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
+    except BrokenPipeError:
+        # The reader went away (`pl-pretrain inspect big.ckpt | head`): stop quietly, as shell tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
 
 
 def _fail(message: str, code: int) -> int:
@@ -530,8 +535,8 @@ def describe_checkpoint(
 
 def _top_level(path: pathlib.Path, fmt: str) -> dict[str, Any]:
     """Returns the top-level entries of a zip torch file that holds a ``state_dict`` entry (else {})."""
-    if fmt not in ("torch", "lightning"):
-        return {}  # safetensors and indexes hold only tensors; a legacy pickle is not read twice
+    if fmt not in ("torch", "lightning") or detect_format(path) != "torch":
+        return {}  # safetensors and indexes hold only tensors; a legacy pickle cannot be mapped, and is not read twice
     import torch
 
     # Mapped, with the same safe unpickler as the transfer: reading it again costs the pickle only.

@@ -278,6 +278,17 @@ def test_inspect_a_sharded_checkpoint_as_json_with_filter_and_limit(tmp_path):
     assert info["sha256"].startswith("sha256:")
 
 
+def test_inspect_a_legacy_lightning_checkpoint_which_cannot_be_mapped(tmp_path, capsys):
+    from pl_pretrain.cli import main
+
+    path = tmp_path / "legacy.ckpt"
+    torch.save({"state_dict": Model().state_dict(), "pytorch-lightning_version": "1.9.0", "epoch": 2}, path,
+               _use_new_zipfile_serialization=False)
+    assert main(["inspect", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["format"] == "lightning" and info["tensors"] == 6 and info["other_entries"] == {}
+
+
 MEASURE = """
 import contextlib, io, json, resource, sys
 import pl_pretrain.cli as cli
