@@ -83,9 +83,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = parser.parse_args(argv)
         return args.command(args)
-    except UsageError as error:
-        return _fail(str(error), EXIT_USAGE)
-    except ConfigurationError as error:
+    except (UsageError, ConfigurationError) as error:
         return _fail(str(error), EXIT_USAGE)
     except PretrainerError as error:
         return _fail(str(error), EXIT_FAILED)
