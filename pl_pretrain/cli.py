@@ -34,9 +34,9 @@ from pl_pretrain.pretrainer import Pretrainer
 from pl_pretrain.transfer import (
     TransferOptions,
     TransferReport,
-    _human,  # the one byte formatter, shared with the load report
     detect_format,
     diagnose_transfer,
+    format_bytes,
     format_reports,
     read_state_dict,
     shard_names,
@@ -292,7 +292,7 @@ def run_fetch(args: argparse.Namespace) -> int:
         return EXIT_OK
     _print_table(
         ["key", "status", "size", "sha256", "placed", "from"],
-        [[r["key"], r["status"], _human(r["size"]), r["sha256"], _shown_path(r["placed"]) + _shards_note(r["shards"]), r["from"]]
+        [[r["key"], r["status"], format_bytes(r["size"]), r["sha256"], _shown_path(r["placed"]) + _shards_note(r["shards"]), r["from"]]
          for r in rows],
     )
     folders = sorted({_shown_path(job.collect_in) for job in jobs if job.collect_in is not None})
@@ -466,9 +466,9 @@ def run_inspect(args: argparse.Namespace) -> int:
     summary = [
         ("file", str(args.file)),
         ("format", info["format"] + (f" (Lightning {info['lightning_version']})" if info.get("lightning_version") else "")),
-        ("size", f"{_human(info['file_bytes'])} on disk"),
+        ("size", f"{format_bytes(info['file_bytes'])} on disk"),
         ("tensors", f"{info['tensors']:,}"),
-        ("parameters", f"{info['parameters']:,} ({_human(info['tensor_bytes'])})"),
+        ("parameters", f"{info['parameters']:,} ({format_bytes(info['tensor_bytes'])})"),
         ("dtypes", ", ".join(f"{dtype} ({n})" for dtype, n in info["dtypes"].items())),
     ]
     if info["shards"]:
@@ -901,7 +901,7 @@ def _verdict(report: TransferReport, error: Optional[PretrainerError]) -> tuple[
     if error is not None:
         return (f"FAIL: a real load would raise {type(error).__name__} and copy nothing: "
                 f"{' '.join(str(error).split())}", EXIT_FAILED)
-    copied = f"copy {len(report.loaded)} tensors ({_human(report.bytes)})" if report.loaded else "copy nothing"
+    copied = f"copy {len(report.loaded)} tensors ({format_bytes(report.bytes)})" if report.loaded else "copy nothing"
     if report.complete:
         return f"OK: a real load would {copied} and leave nothing missing, unexpected or mismatched.", EXIT_OK
     left = [f"{len(report.missing)} missing" if report.missing else "",

@@ -55,6 +55,7 @@ __all__ = [
     "plan_transfer",
     "diagnose_transfer",
     "format_reports",
+    "format_bytes",
     "incomplete_keys",
     "detect_format",
     "read_state_dict",
@@ -115,7 +116,7 @@ class TransferReport:
         prefix = f", prefix '{self.prefix}' stripped" if self.prefix else ""
         return (
             f"{len(self.loaded)} loaded, {len(self.missing)} missing, {len(self.unexpected)} unexpected, "
-            f"{len(self.mismatched)} mismatched{excluded}{prefix} ({_human(self.bytes)} from {self.source})"
+            f"{len(self.mismatched)} mismatched{excluded}{prefix} ({format_bytes(self.bytes)} from {self.source})"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -277,7 +278,8 @@ def _as_device(value: Any) -> torch.device | None:
         ) from None
 
 
-def _human(n: int) -> str:
+def format_bytes(n: int) -> str:
+    """Returns a byte count for people: "512 B", "20.5 KiB", "1.0 GiB"."""
     size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
         if size < 1024 or unit == "GiB":
@@ -301,7 +303,7 @@ def format_reports(reports: Mapping[str, "TransferReport | None"]) -> str:
             str(len(r.unexpected)),
             str(len(r.mismatched)),
             str(len(r.excluded)),
-            _human(r.bytes),
+            format_bytes(r.bytes),
             str(r.source),
         )
         for key, r in rows
