@@ -267,7 +267,7 @@ class Pretrainer:
             shards = shard_names(fetched.path)
             if shards:
                 # A sharded checkpoint's index: its shards live beside it in the source, and are
-                # collected into <collect_in>/<key>.shards/ (see transfer.shard_folder).
+                # collected into <collect_in>/<key>.shards/ (see transfer.shard_folder_name).
                 prefix = filename.rpartition("/")[0]
                 shard_dir = None if self.collect_in is None else self.collect_in / shard_folder_name(key + PARAMFILE_EXT)
                 for name in shards:
@@ -425,19 +425,15 @@ class Pretrainer:
 
 def _check_key(key: Any) -> None:
     # A key becomes the file name <key>.ckpt inside collect_in: it must be a plain, visible name.
-    if not isinstance(key, str) or not key or key.strip(".") == "":
-        raise ConfigurationError(
-            f"Loadable key {key!r} is not a plain file name: keys are non-empty strings, not '.' or '..'.",
-            key=key if isinstance(key, str) else None,
-            hint="Use a name such as 'encoder'; it becomes the file 'encoder.ckpt'.",
-        )
     try:
+        if not isinstance(key, str) or key.strip(".") == "":
+            raise ConfigurationError("not a usable name")
         check_file_name(key + PARAMFILE_EXT)
     except ConfigurationError:
         raise ConfigurationError(
-            f"Loadable key {key!r} is not a plain file name: keys must not contain '/' or '\\', be absolute, "
-            f"or start with {RECORD_DIR!r}.",
-            key=key,
+            f"Loadable key {key!r} is not a plain file name: keys are non-empty strings, not '.' or '..', "
+            f"without '/' or '\\', not absolute, and not starting with {RECORD_DIR!r}.",
+            key=key if isinstance(key, str) else None,
             hint="Use a name such as 'encoder'; it becomes the file 'encoder.ckpt' inside collect_in.",
         ) from None
 
