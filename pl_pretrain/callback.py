@@ -26,7 +26,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from pl_pretrain.errors import ConfigurationError
-from pl_pretrain.fetching import FetchConfig, LocalStrategy
+from pl_pretrain.fetching import FetchConfig, LocalStrategy, redact_url
 from pl_pretrain.pretrainer import PARAMFILE_EXT, Pretrainer
 from pl_pretrain.transfer import TransferOptions, TransferReport, format_reports, incomplete_keys
 
@@ -191,14 +191,15 @@ class PretrainerCallback(Callback):
         if resuming is not None and stage == "fit":
             self.resumed_from = str(resuming)
             rank_zero_info(f"pl_pretrain: resuming from {resuming}; its weights win, nothing is fetched.")
+        freeze = bool(self.freeze) and stage == "fit"  # also on resume: the frozen part stays frozen
         if load:
             self.collect()
-        if not load and not (self.freeze and stage == "fit"):
+        if not load and not freeze:
             return
         if is_overridden("configure_model", pl_module):
-            self._after_configure_model(trainer, pl_module, load)
+            self._after_configure_model(trainer, pl_module, load, freeze)
         else:
-            self._finish(trainer, pl_module, load)
+            self._finish(trainer, pl_module, load, freeze)
 
     def state_dict(self) -> dict[str, Any]:
         """Returns where the initial weights came from, per loadable, for the checkpoint."""
@@ -268,8 +269,6 @@ class PretrainerCallback(Callback):
                 where = f"{getattr(self.default_source, 'path', self.default_source)}/{key}{PARAMFILE_EXT}"
             else:
                 where = None
-            from pl_pretrain.fetching import redact_url
-
             out[key] = {
                 "path": redact_url(where) if isinstance(where, str) and "://" in where else where,
                 "revision": self.fetch_config.revision,
@@ -302,13 +301,13 @@ class PretrainerCallback(Callback):
         self.__dict__.update(state)
         self._loaded_modules = weakref.WeakSet()
 
-    def _finish(self, trainer: Trainer, pl_module: LightningModule, load: bool) -> None:
+    def _finish(self, trainer: Trainer, pl_module: LightningModule, load: bool, freeze: bool) -> None:
         if load:
             self.load(trainer, pl_module)
-        if trainer.state.fn is not None and str(getattr(trainer.state.fn, "value", trainer.state.fn)) == "fit":
+        if freeze:
             self.freeze_loaded(pl_module)
 
-    def _after_configure_model(self, trainer: Trainer, pl_module: LightningModule, load: bool) -> None:
+    def _after_configure_model(self, trainer: Trainer, pl_module: LightningModule, load: bool, freeze: bool) -> None:
         # Lightning offers no callback hook between `configure_model` and the strategy wrapping
         # the model, so this instance's `configure_model` is wrapped once: the user's hook runs,
         # then the load, then the class's own method is visible again.
@@ -319,7 +318,7 @@ class PretrainerCallback(Callback):
                 original()
             finally:
                 del pl_module.configure_model
-            self._finish(trainer, pl_module, load)
+            self._finish(trainer, pl_module, load, freeze)
 
         configure_model_then_load.__wrapped__ = original  # keeps `is_overridden` answering for the class
         pl_module.configure_model = configure_model_then_load  # type: ignore[method-assign]
