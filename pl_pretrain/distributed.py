@@ -201,6 +201,19 @@ def _attempt(work: Callable[[], T], rank: int) -> tuple[str, Any, BaseException 
         return ("error", record_for(error, rank=rank), error)
 
 
+def _round(work: Callable[[], T], rank: int, runs: bool, group: Any, *, share_value: bool = True) -> tuple[list[Any], Any]:
+    """Returns (every rank's outcome, this rank's value) once `work` ran where `runs`; a failure anywhere raises everywhere.
+
+    Each outcome is ``None`` for a rank that did not run, else ``(state, value)``; with
+    `share_value` False only errors travel (the value stays on its rank).
+    """
+    state, value, local_error = _attempt(work, rank) if runs else ("idle", None, None)
+    shared = (state, value if share_value or state == "error" else None) if runs else None
+    outcomes = _gather(shared, group)
+    _raise_first_error(outcomes, local_error)
+    return outcomes, value
+
+
 def _raise_first_error(outcomes: list[Any], local_error: BaseException | None) -> None:
     failures = [o for o in outcomes if o is not None and o[0] == "error"]
     if not failures:
@@ -251,10 +264,7 @@ def run_once(
         node = topo.node_of[r]
         return topo.leader(node) if fetch_for_node[node] else 0
 
-    is_fetcher = fetcher_of(rank) == rank
-    state, value, local_error = _attempt(work, rank) if is_fetcher else ("idle", None, None)
-    outcomes = _gather((state, value) if is_fetcher else None, group)
-    _raise_first_error(outcomes, local_error)
+    outcomes, _ = _round(work, rank, fetcher_of(rank) == rank, group)
     mine = outcomes[fetcher_of(rank)][1]
 
     if check is None:
@@ -281,10 +291,7 @@ def run_once(
         "If the collection folder is shared but the cache is not, prefer LocalStrategy.COPY.",
         blind_nodes,
     )
-    is_second_fetcher = topo.node in blind_nodes and topo.leader(topo.node) == rank
-    state, value, local_error = _attempt(work, rank) if is_second_fetcher else ("idle", None, None)
-    outcomes = _gather((state, value) if is_second_fetcher else None, group)
-    _raise_first_error(outcomes, local_error)
+    outcomes, _ = _round(work, rank, topo.node in blind_nodes and topo.leader(topo.node) == rank, group)
     if topo.node in blind_nodes:
         mine = outcomes[topo.leader(topo.node)][1]
     seen = _gather(bool(_safe_check(check, mine)), group)
@@ -338,11 +345,7 @@ def run_everywhere(work: Callable[[], T], *, timeout: Union[datetime.timedelta, 
     """
     if not is_distributed():
         return work()
-    group = _wait_group(timeout)
-    rank = dist.get_rank()
-    state, value, local_error = _attempt(work, rank)
-    outcomes = _gather((state, value if state == "error" else None), group)
-    _raise_first_error(outcomes, local_error)
+    _, value = _round(work, dist.get_rank(), True, _wait_group(timeout), share_value=False)
     return value
 
 
