@@ -18,9 +18,9 @@ import pathlib
 
 import lightning as L
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from tiny_model import KeywordClassifier, keywords, loader
 
 from pl_pretrain import PretrainerCallback
-from tiny_model import KeywordClassifier, keywords, loader
 
 HERE = pathlib.Path(__file__).resolve().parent
 PRETRAINED = HERE / "assets" / "tiny-kws" / "pretrained.ckpt"

@@ -20,9 +20,9 @@ import pathlib
 
 import lightning as L
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from tiny_model import KeywordClassifier, keywords, loader
 
 from pl_pretrain import FetchConfig, PretrainerCallback
-from tiny_model import KeywordClassifier, keywords, loader
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -57,7 +57,9 @@ def main() -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(model, loader(keywords(4, 24, seed=3, offset=10), shuffle=True), loader(keywords(4, 800, seed=4, offset=10)))
+    trainer.fit(
+        model, loader(keywords(4, 24, seed=3, offset=10), shuffle=True), loader(keywords(4, 800, seed=4, offset=10))
+    )
 
     accuracy = float(trainer.callback_metrics["val_acc"])
     rank_zero_info(f"validation accuracy after fine-tuning: {accuracy:.3f}")

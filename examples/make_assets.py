@@ -14,7 +14,6 @@ import hashlib
 import pathlib
 
 import lightning as L
-
 from tiny_model import KeywordClassifier, keywords, loader
 
 OUT = pathlib.Path(__file__).parent / "assets" / "tiny-kws" / "pretrained.ckpt"
@@ -24,8 +23,13 @@ def main() -> None:
     L.seed_everything(0, verbose=False)
     model = KeywordClassifier(num_classes=10, lr=0.05)
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_epochs=15, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=15,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     trainer.fit(model, loader(keywords(10, 4000, seed=1), shuffle=True), loader(keywords(10, 1000, seed=2)))
     OUT.parent.mkdir(parents=True, exist_ok=True)

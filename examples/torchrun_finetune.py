@@ -17,10 +17,10 @@ import pathlib
 
 import torch
 import torch.distributed as dist
+from tiny_model import KeywordClassifier, keywords
 from torch.nn.parallel import DistributedDataParallel
 
 from pl_pretrain import Pretrainer, TransferOptions
-from tiny_model import KeywordClassifier, keywords
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -34,8 +34,11 @@ def fingerprint(module: torch.nn.Module) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", default=str(HERE / "assets" / "tiny-kws" / "pretrained.ckpt"),
-                        help="where the encoder comes from: a file path, a URL or a hub org/repo/file")
+    parser.add_argument(
+        "--source",
+        default=str(HERE / "assets" / "tiny-kws" / "pretrained.ckpt"),
+        help="where the encoder comes from: a file path, a URL or a hub org/repo/file",
+    )
     parser.add_argument("--collect-in", default=str(HERE / "runs" / "torchrun" / "pretrained"))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--record", default=None, help="folder to write what each rank loaded (for tests)")
@@ -56,7 +59,9 @@ def main() -> None:
     reports = pretrainer.load_collected()
     loaded = fingerprint(model.encoder)
     if rank == 0:
-        print(f"rank 0 loaded {len(reports['encoder'].loaded)} tensors from {pretrainer.provenance()['encoder']['location']}")
+        print(
+            f"rank 0 loaded {len(reports['encoder'].loaded)} tensors from {pretrainer.provenance()['encoder']['location']}"
+        )
 
     ddp = DistributedDataParallel(model)
     data = keywords(4, 64, seed=3, offset=10)
@@ -78,8 +83,15 @@ def main() -> None:
     if args.record:
         os.makedirs(args.record, exist_ok=True)
         with open(os.path.join(args.record, f"rank{rank}.json"), "w") as f:
-            json.dump({"rank": rank, "loaded": loaded, "trained": fingerprint(model.encoder),
-                       "paths": {k: str(v) for k, v in pretrainer.loadable_paths.items()}}, f)
+            json.dump(
+                {
+                    "rank": rank,
+                    "loaded": loaded,
+                    "trained": fingerprint(model.encoder),
+                    "paths": {k: str(v) for k, v in pretrainer.loadable_paths.items()},
+                },
+                f,
+            )
     dist.destroy_process_group()
 
 

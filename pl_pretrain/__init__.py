@@ -29,6 +29,7 @@ def __getattr__(name: str):
         return PretrainerCallback
     raise AttributeError(f"module 'pl_pretrain' has no attribute {name!r}")
 
+
 __all__ = [
     "FetchConfig",
     "FetchFrom",

@@ -17,7 +17,8 @@ import os
 import sys
 import time
 import weakref
-from typing import Any, Callable, Literal, Mapping, Optional, Sequence, Union
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -93,28 +94,32 @@ class PretrainerCallback(Callback):
 
     def __init__(
         self,
-        pretrainer: Optional[Pretrainer] = None,
+        pretrainer: Pretrainer | None = None,
         *,
-        collect_in: Optional[Union[str, os.PathLike]] = "./model_checkpoints",
-        loadables: Optional[Mapping[str, Any]] = None,
-        paths: Optional[Mapping[str, Any]] = None,
-        default_source: Optional[Union[str, os.PathLike]] = None,
-        custom_hooks: Optional[Mapping[str, Callable]] = None,
-        conditions: Optional[Mapping[str, Any]] = None,
-        checksums: Optional[Mapping[str, str]] = None,
-        transfer_options: Optional[Mapping[str, Union[TransferOptions, dict]]] = None,
+        collect_in: str | os.PathLike | None = "./model_checkpoints",
+        loadables: Mapping[str, Any] | None = None,
+        paths: Mapping[str, Any] | None = None,
+        default_source: str | os.PathLike | None = None,
+        custom_hooks: Mapping[str, Callable] | None = None,
+        conditions: Mapping[str, Any] | None = None,
+        checksums: Mapping[str, str] | None = None,
+        transfer_options: Mapping[str, TransferOptions | dict] | None = None,
         local_strategy: LocalStrategy = LocalStrategy.SYMLINK,
-        fetch_config: Optional[FetchConfig] = None,
-        collect_per_node: Union[bool, Literal["auto"]] = "auto",
+        fetch_config: FetchConfig | None = None,
+        collect_per_node: bool | Literal["auto"] = "auto",
         stages: Sequence[str] = _STAGES,
-        freeze: Union[bool, Sequence[str]] = False,
+        freeze: bool | Sequence[str] = False,
         log_report: bool = True,
-        timeout: Optional[float] = None,
+        timeout: float | None = None,
     ) -> None:
         super().__init__()
         given = {
-            "loadables": loadables, "paths": paths, "custom_hooks": custom_hooks, "conditions": conditions,
-            "checksums": checksums, "transfer_options": transfer_options,
+            "loadables": loadables,
+            "paths": paths,
+            "custom_hooks": custom_hooks,
+            "conditions": conditions,
+            "checksums": checksums,
+            "transfer_options": transfer_options,
         }
         if pretrainer is not None:
             extra = [name for name, value in given.items() if value]
@@ -128,8 +133,13 @@ class PretrainerCallback(Callback):
             self.pretrainer = pretrainer
         else:
             self.pretrainer = Pretrainer(
-                collect_in, loadables, paths, custom_hooks, conditions,
-                checksums=checksums, transfer_options=transfer_options,
+                collect_in,
+                loadables,
+                paths,
+                custom_hooks,
+                conditions,
+                checksums=checksums,
+                transfer_options=transfer_options,
             )
         if not self.pretrainer.loadables:
             raise ConfigurationError(
@@ -166,10 +176,10 @@ class PretrainerCallback(Callback):
         self.timeout = timeout
         # Attribute paths as configured (the Pretrainer's loadables get the resolved objects).
         self._targets: dict[str, Any] = dict(self.pretrainer.loadables)
-        self._loaded_modules: "weakref.WeakSet[LightningModule]" = weakref.WeakSet()
+        self._loaded_modules: weakref.WeakSet[LightningModule] = weakref.WeakSet()
         self.provenance: dict[str, dict[str, Any]] = {}
-        self.reports: dict[str, Optional[TransferReport]] = {}
-        self.resumed_from: Optional[str] = None
+        self.reports: dict[str, TransferReport | None] = {}
+        self.resumed_from: str | None = None
 
     @property
     def state_key(self) -> str:
@@ -233,7 +243,7 @@ class PretrainerCallback(Callback):
             timeout=self.timeout,
         )
 
-    def load(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Optional[TransferReport]]:
+    def load(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, TransferReport | None]:
         """Loads the collected files into the (resolved) loadables on every rank; returns the reports."""
         self.pretrainer.add_loadables(self._resolve_targets(pl_module))
         started = time.time()
@@ -324,10 +334,12 @@ class PretrainerCallback(Callback):
         pl_module.configure_model = configure_model_then_load  # type: ignore[method-assign]
 
     def _resolve_targets(self, pl_module: LightningModule) -> dict[str, Any]:
-        return {key: _resolve(pl_module, key, target) if isinstance(target, str) else target
-                for key, target in self._targets.items()}
+        return {
+            key: _resolve(pl_module, key, target) if isinstance(target, str) else target
+            for key, target in self._targets.items()
+        }
 
-    def _log(self, trainer: Trainer, reports: Mapping[str, Optional[TransferReport]], seconds: float) -> None:
+    def _log(self, trainer: Trainer, reports: Mapping[str, TransferReport | None], seconds: float) -> None:
         table = format_reports(reports)
         if table:
             rank_zero_info(f"pl_pretrain: loaded pretrained parameters in {seconds:.2f} s\n{table}")
@@ -374,7 +386,7 @@ def _resolve(pl_module: LightningModule, key: str, path: str) -> Any:
     return obj
 
 
-def _pending_ckpt_path(trainer: Trainer) -> Optional[Any]:
+def _pending_ckpt_path(trainer: Trainer) -> Any | None:
     """Returns the checkpoint this Trainer run is about to restore, if it can be known in ``setup``.
 
     ``trainer.ckpt_path`` is set in ``setup`` only when the user assigned it; for
@@ -397,9 +409,9 @@ def _pending_ckpt_path(trainer: Trainer) -> Optional[Any]:
 def load_pretrained(
     fabric: Any,
     pretrainer: Pretrainer,
-    default_source: Optional[Union[str, os.PathLike]] = None,
+    default_source: str | os.PathLike | None = None,
     **collect_options: Any,
-) -> dict[str, Optional[TransferReport]]:
+) -> dict[str, TransferReport | None]:
     """Returns the load reports after running the collection protocol under Lightning Fabric.
 
     Call it after ``fabric.launch()`` (the process group exists) and before ``fabric.setup(model)``

@@ -25,11 +25,12 @@ import json
 import os
 import pathlib
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 from pl_pretrain.errors import ConfigurationError, PretrainerError
-from pl_pretrain.fetching import Fetched, FetchConfig, LocalStrategy, file_sha256
+from pl_pretrain.fetching import FetchConfig, Fetched, LocalStrategy, file_sha256
 from pl_pretrain.pretrainer import Pretrainer
 from pl_pretrain.transfer import (
     TransferOptions,
@@ -77,7 +78,7 @@ class _Parser(argparse.ArgumentParser):
 # --------------------------------------------------------------------------------------------
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Returns the exit code of ``pl-pretrain`` run with `argv` (default: the command line)."""
     parser = build_parser()
     try:
@@ -187,7 +188,9 @@ def _pretrainer_callbacks(config: Mapping[str, Any], where: str) -> list[dict[st
         if isinstance(entry, dict) and str(entry.get("class_path", "")).rsplit(".", 1)[-1] == "PretrainerCallback":
             init_args = entry.get("init_args") or {}
             if not isinstance(init_args, dict):
-                raise UsageError(f"{where}: a PretrainerCallback's init_args is a {type(init_args).__name__}, not a mapping.")
+                raise UsageError(
+                    f"{where}: a PretrainerCallback's init_args is a {type(init_args).__name__}, not a mapping."
+                )
             found.append(init_args)
     if not found:
         raise UsageError(
@@ -228,29 +231,63 @@ Then, on the compute nodes: HF_HUB_OFFLINE=1, or FetchConfig(allow_network=False
 
 
 def _add_fetch(commands: Any) -> None:
-    p = _subparser(commands, "fetch", "collect a job's files ahead of time (login node -> offline compute nodes)",
-                   FETCH_DESCRIPTION)
-    p.add_argument("specs", nargs="*", metavar="KEY=SOURCE/FILE", type=_pair("KEY=SOURCE/FILE"),
-                   help="a loadable key and where its file comes from, as in `paths`")
-    p.add_argument("--config", metavar="FILE.yaml",
-                   help="a LightningCLI config: fetch for every PretrainerCallback in trainer.callbacks (its "
-                   "collect_in, paths, default_source, checksums, local_strategy and fetch_config; "
-                   "allow_network is ignored: this is the machine with network)")
+    p = _subparser(
+        commands,
+        "fetch",
+        "collect a job's files ahead of time (login node -> offline compute nodes)",
+        FETCH_DESCRIPTION,
+    )
+    p.add_argument(
+        "specs",
+        nargs="*",
+        metavar="KEY=SOURCE/FILE",
+        type=_pair("KEY=SOURCE/FILE"),
+        help="a loadable key and where its file comes from, as in `paths`",
+    )
+    p.add_argument(
+        "--config",
+        metavar="FILE.yaml",
+        help="a LightningCLI config: fetch for every PretrainerCallback in trainer.callbacks (its "
+        "collect_in, paths, default_source, checksums, local_strategy and fetch_config; "
+        "allow_network is ignored: this is the machine with network)",
+    )
     p.add_argument("--default-source", metavar="SOURCE", help="where --key names are looked for, as SOURCE/<KEY>.ckpt")
-    p.add_argument("--key", dest="keys", action="append", default=[], metavar="KEY",
-                   help="a key to fetch from --default-source (repeatable)")
-    p.add_argument("--collect-in", metavar="DIR",
-                   help="the collection folder (default: the config's, else ./model_checkpoints); 'none' places "
-                   "nothing: Hub files stay in the Hugging Face cache, URLs go to $PL_PRETRAIN_CACHE")
-    p.add_argument("--strategy", choices=[s.name for s in LocalStrategy],
-                   help="how files are placed (default: the config's, else SYMLINK); use the job's own, or the "
-                   "job fetches again")
+    p.add_argument(
+        "--key",
+        dest="keys",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="a key to fetch from --default-source (repeatable)",
+    )
+    p.add_argument(
+        "--collect-in",
+        metavar="DIR",
+        help="the collection folder (default: the config's, else ./model_checkpoints); 'none' places "
+        "nothing: Hub files stay in the Hugging Face cache, URLs go to $PL_PRETRAIN_CACHE",
+    )
+    p.add_argument(
+        "--strategy",
+        choices=[s.name for s in LocalStrategy],
+        help="how files are placed (default: the config's, else SYMLINK); use the job's own, or the job fetches again",
+    )
     p.add_argument("--revision", help="Hub branch, tag or commit (default: the config's fetch_config.revision)")
-    p.add_argument("--checksum", dest="checksums", action="append", default=[], metavar="KEY=sha256:HEX",
-                   type=_pair("KEY=sha256:HEX"), help="pin a key's file (repeatable); a mismatch removes it, exit 1")
+    p.add_argument(
+        "--checksum",
+        dest="checksums",
+        action="append",
+        default=[],
+        metavar="KEY=sha256:HEX",
+        type=_pair("KEY=sha256:HEX"),
+        help="pin a key's file (repeatable); a mismatch removes it, exit 1",
+    )
     p.add_argument("--overwrite", action="store_true", help="fetch and place again even when the folder holds the file")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="download progress bars (default: when stderr is a terminal)")
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="download progress bars (default: when stderr is a terminal)",
+    )
     p.add_argument("--json", action="store_true", help="print what was collected as JSON")
     p.set_defaults(command=run_fetch)
 
@@ -259,10 +296,10 @@ def _add_fetch(commands: Any) -> None:
 class FetchJob:
     """One Pretrainer's worth of files to collect (a command line, or one callback of a config)."""
 
-    collect_in: Optional[pathlib.Path]
+    collect_in: pathlib.Path | None
     keys: list[str]
     paths: dict[str, str]
-    default_source: Optional[str] = None
+    default_source: str | None = None
     checksums: dict[str, str] = dataclasses.field(default_factory=dict)
     conditions: dict[str, bool] = dataclasses.field(default_factory=dict)
     strategy: LocalStrategy = LocalStrategy.SYMLINK
@@ -292,13 +329,24 @@ def run_fetch(args: argparse.Namespace) -> int:
         return EXIT_OK
     _print_table(
         ["key", "status", "size", "sha256", "placed", "from"],
-        [[r["key"], r["status"], format_bytes(r["size"]), r["sha256"], _shown_path(r["placed"]) + _shards_note(r["shards"]), r["from"]]
-         for r in rows],
+        [
+            [
+                r["key"],
+                r["status"],
+                format_bytes(r["size"]),
+                r["sha256"],
+                _shown_path(r["placed"]) + _shards_note(r["shards"]),
+                r["from"],
+            ]
+            for r in rows
+        ],
     )
     folders = sorted({_shown_path(job.collect_in) for job in jobs if job.collect_in is not None})
     where = f"into {', '.join(folders)}" if folders else "into the caches (--collect-in none)"
-    print(f"{len(rows)} file{'s' if len(rows) != 1 else ''} collected {where}. Compute nodes can now load them "
-          "offline: HF_HUB_OFFLINE=1, or fetch_config allow_network: false.")
+    print(
+        f"{len(rows)} file{'s' if len(rows) != 1 else ''} collected {where}. Compute nodes can now load them "
+        "offline: HF_HUB_OFFLINE=1, or fetch_config allow_network: false."
+    )
     return EXIT_OK
 
 
@@ -350,8 +398,9 @@ def _fetch_jobs(args: argparse.Namespace) -> list[FetchJob]:
     unknown = [key for key in checksums if not any(key in job.keys for job in jobs)]
     if unknown:
         known = sorted({key for job in jobs for key in job.keys})
-        raise UsageError(f"--checksum names {', '.join(map(repr, unknown))}, which is not a key to fetch "
-                         f"({', '.join(known)}).")
+        raise UsageError(
+            f"--checksum names {', '.join(map(repr, unknown))}, which is not a key to fetch ({', '.join(known)})."
+        )
     for job in jobs:
         job.checksums.update({key: value for key, value in checksums.items() if key in job.keys})
     return jobs
@@ -377,7 +426,9 @@ def _jobs_from_config(text: str) -> list[FetchJob]:
         strategy = init_args.get("local_strategy", "SYMLINK")
         name = str(strategy).rsplit(".", 1)[-1].upper()
         if name not in LocalStrategy.__members__:
-            raise UsageError(f"{where}: local_strategy {strategy!r} is not one of {', '.join(LocalStrategy.__members__)}.")
+            raise UsageError(
+                f"{where}: local_strategy {strategy!r} is not one of {', '.join(LocalStrategy.__members__)}."
+            )
         jobs.append(
             FetchJob(
                 collect_in=None if collect_in is None else pathlib.Path(str(collect_in)),
@@ -436,10 +487,18 @@ examples:
 
 
 def _add_inspect(commands: Any) -> None:
-    p = _subparser(commands, "inspect", "show a checkpoint's format, keys, shapes, dtypes and size", INSPECT_DESCRIPTION)
+    p = _subparser(
+        commands, "inspect", "show a checkpoint's format, keys, shapes, dtypes and size", INSPECT_DESCRIPTION
+    )
     p.add_argument("file", metavar="FILE", help="a checkpoint file, or a sharded checkpoint's *.index.json")
-    p.add_argument("--filter", dest="filters", action="append", default=[], metavar="GLOB",
-                   help="list only keys matching a glob ('*' crosses dots; repeatable); totals stay the file's")
+    p.add_argument(
+        "--filter",
+        dest="filters",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="list only keys matching a glob ('*' crosses dots; repeatable); totals stay the file's",
+    )
     p.add_argument("--limit", type=_count, metavar="N", help="list at most N keys")
     p.add_argument("--sha256", action="store_true", help="also hash the file (reads it whole: slow for big files)")
     p.add_argument("--json", action="store_true", help="print the description as JSON")
@@ -465,7 +524,10 @@ def run_inspect(args: argparse.Namespace) -> int:
         return EXIT_OK
     summary = [
         ("file", str(args.file)),
-        ("format", info["format"] + (f" (Lightning {info['lightning_version']})" if info.get("lightning_version") else "")),
+        (
+            "format",
+            info["format"] + (f" (Lightning {info['lightning_version']})" if info.get("lightning_version") else ""),
+        ),
         ("size", f"{format_bytes(info['file_bytes'])} on disk"),
         ("tensors", f"{info['tensors']:,}"),
         ("parameters", f"{info['parameters']:,} ({format_bytes(info['tensor_bytes'])})"),
@@ -488,7 +550,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def describe_checkpoint(
-    path: pathlib.Path, *, filters: Sequence[str] = (), limit: Optional[int] = None, sha256: bool = False
+    path: pathlib.Path, *, filters: Sequence[str] = (), limit: int | None = None, sha256: bool = False
 ) -> dict[str, Any]:
     """Returns what a checkpoint holds, as plain data: format, counts, sizes, dtypes and its keys.
 
@@ -523,8 +585,10 @@ def describe_checkpoint(
         "other_entries": {key: _brief(value) for key, value in top.items() if key != "state_dict"},
         "matching": len(matching),
         "shown": len(shown),
-        "keys": [{"key": k, "shape": list(state[k].shape), "dtype": str(state[k].dtype).removeprefix("torch.")}
-                 for k in shown],
+        "keys": [
+            {"key": k, "shape": list(state[k].shape), "dtype": str(state[k].dtype).removeprefix("torch.")}
+            for k in shown
+        ],
     }
     if sha256:
         info["sha256"] = "sha256:" + file_sha256(path)
@@ -583,30 +647,58 @@ examples:
 
 
 def _add_plan(commands: Any) -> None:
-    p = _subparser(commands, "plan", "dry-run a load: what would load, be missing, unexpected or mismatched",
-                   PLAN_DESCRIPTION)
+    p = _subparser(
+        commands, "plan", "dry-run a load: what would load, be missing, unexpected or mismatched", PLAN_DESCRIPTION
+    )
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="the checkpoint file (or *.index.json) to load")
-    p.add_argument("--model", metavar="IMPORT_PATH",
-                   help="the model's class or factory: pkg.module:Name, or path/to/file.py:Name (with --config: the "
-                   "LightningModule class, when the config's model section has no class_path)")
-    p.add_argument("--init-args", metavar="JSON", type=_json_object, default={},
-                   help='keyword arguments for the model, as a JSON object (e.g. \'{"num_classes": 4}\')')
-    p.add_argument("--config", metavar="FILE.yaml",
-                   help="a LightningCLI config: the model from its model section, the loadable's attribute and "
-                   "transfer_options from its PretrainerCallback")
-    p.add_argument("--key", help="the loadable key (with --config: which of the callback's loadables; default: its only one)")
-    p.add_argument("--attribute", metavar="PATH",
-                   help="the submodule to load into, e.g. 'encoder' or 'model.decoder' (default: the whole model, or "
-                   "the callback's attribute for --key)")
-    p.add_argument("--key-map", dest="key_map", action="append", metavar="OLD=NEW",
-                   type=_pair("OLD=NEW (file prefix=model prefix, either may be empty)", empty_key=True, empty_value=True),
-                   help="rename file key prefixes (repeatable; the longest prefix wins; keys under no prefix are left "
-                   "out: add '=' to keep them)")
+    p.add_argument(
+        "--model",
+        metavar="IMPORT_PATH",
+        help="the model's class or factory: pkg.module:Name, or path/to/file.py:Name (with --config: the "
+        "LightningModule class, when the config's model section has no class_path)",
+    )
+    p.add_argument(
+        "--init-args",
+        metavar="JSON",
+        type=_json_object,
+        default={},
+        help="keyword arguments for the model, as a JSON object (e.g. '{\"num_classes\": 4}')",
+    )
+    p.add_argument(
+        "--config",
+        metavar="FILE.yaml",
+        help="a LightningCLI config: the model from its model section, the loadable's attribute and "
+        "transfer_options from its PretrainerCallback",
+    )
+    p.add_argument(
+        "--key", help="the loadable key (with --config: which of the callback's loadables; default: its only one)"
+    )
+    p.add_argument(
+        "--attribute",
+        metavar="PATH",
+        help="the submodule to load into, e.g. 'encoder' or 'model.decoder' (default: the whole model, or "
+        "the callback's attribute for --key)",
+    )
+    p.add_argument(
+        "--key-map",
+        dest="key_map",
+        action="append",
+        metavar="OLD=NEW",
+        type=_pair("OLD=NEW (file prefix=model prefix, either may be empty)", empty_key=True, empty_value=True),
+        help="rename file key prefixes (repeatable; the longest prefix wins; keys under no prefix are left "
+        "out: add '=' to keep them)",
+    )
     p.add_argument("--include", action="append", metavar="GLOB", help="load only the model keys matching (repeatable)")
     p.add_argument("--exclude", action="append", metavar="GLOB", help="never load the model keys matching (repeatable)")
-    p.add_argument("--on-mismatch", choices=["error", "skip"], help="a key with another shape: fail, or keep the model's")
-    p.add_argument("--strict", action=argparse.BooleanOptionalAction, default=None,
-                   help="fail when anything is missing, unexpected or mismatched")
+    p.add_argument(
+        "--on-mismatch", choices=["error", "skip"], help="a key with another shape: fail, or keep the model's"
+    )
+    p.add_argument(
+        "--strict",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fail when anything is missing, unexpected or mismatched",
+    )
     p.add_argument("--limit", type=_count, metavar="N", help="list at most N keys of each kind")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(command=run_plan)
@@ -618,7 +710,7 @@ def _json_object(text: str) -> dict[str, Any]:
     except json.JSONDecodeError as error:
         raise argparse.ArgumentTypeError(f"{text!r} is not JSON: {error}") from None
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object ({{\"name\": value, ...}})")
+        raise argparse.ArgumentTypeError(f'{text!r} is not a JSON object ({{"name": value, ...}})')
     return value
 
 
@@ -645,21 +737,23 @@ def run_plan(args: argparse.Namespace) -> int:
     hint = _suggest_key_map(report)
     if args.json:
         shapes = _shapes(target.module)
-        _print_json({
-            "key": target.key,
-            "model": target.model_name,
-            "attribute": target.attribute,
-            "built_on": "meta" if target.on_meta else "cpu",
-            "checkpoint": str(args.checkpoint),
-            "options": _options_shown(options),
-            "report": report.to_dict(),
-            "shapes": {k: shapes.get(k) for k in [*report.loaded, *report.missing]},
-            "would_succeed": error is None,
-            "complete": report.complete,
-            "error": None if error is None else " ".join(str(error).split()),
-            "suggested_key_map": None if hint is None else {hint[0]: hint[1]},
-            "verdict": verdict,
-        })
+        _print_json(
+            {
+                "key": target.key,
+                "model": target.model_name,
+                "attribute": target.attribute,
+                "built_on": "meta" if target.on_meta else "cpu",
+                "checkpoint": str(args.checkpoint),
+                "options": _options_shown(options),
+                "report": report.to_dict(),
+                "shapes": {k: shapes.get(k) for k in [*report.loaded, *report.missing]},
+                "would_succeed": error is None,
+                "complete": report.complete,
+                "error": None if error is None else " ".join(str(error).split()),
+                "suggested_key_map": None if hint is None else {hint[0]: hint[1]},
+                "verdict": verdict,
+            }
+        )
         return code
     module = target.module
     built = "the meta device (no memory for its weights)" if target.on_meta else f"cpu{target.note}"
@@ -692,8 +786,15 @@ def _plan_target(args: argparse.Namespace) -> PlanTarget:
     model, on_meta, note = _build(lambda: factory(**args.init_args), args.model)
     attribute = args.attribute or ""
     key = args.key or attribute or "model"
-    return PlanTarget(key, _call_text(args.model, args.init_args), _submodule(model, attribute), attribute,
-                      on_meta, TransferOptions(), note)
+    return PlanTarget(
+        key,
+        _call_text(args.model, args.init_args),
+        _submodule(model, attribute),
+        attribute,
+        on_meta,
+        TransferOptions(),
+        note,
+    )
 
 
 def _target_from_config(args: argparse.Namespace) -> PlanTarget:
@@ -734,8 +835,15 @@ def _target_from_config(args: argparse.Namespace) -> PlanTarget:
     init.update(args.init_args)
     cls = _import_object(class_path)
     model, on_meta, note = _build(lambda: _instantiate(cls, init, class_path), class_path)
-    return PlanTarget(key, _call_text(class_path, init), _submodule(model, attribute), attribute, on_meta,
-                      TransferOptions.coerce(options.get(key), key=key), note)
+    return PlanTarget(
+        key,
+        _call_text(class_path, init),
+        _submodule(model, attribute),
+        attribute,
+        on_meta,
+        TransferOptions.coerce(options.get(key), key=key),
+        note,
+    )
 
 
 def _instantiate(cls: Any, init: dict[str, Any], class_path: str) -> Any:
@@ -831,7 +939,9 @@ def _submodule(model: Any, attribute: str) -> Any:
         module = model.get_submodule("" if attribute in ("", "self") else attribute)
     except AttributeError as error:
         children = ", ".join(name for name, _ in model.named_children()) or "no submodules"
-        raise UsageError(f"No submodule '{attribute}' in {type(model).__name__} ({error}); it has: {children}.") from None
+        raise UsageError(
+            f"No submodule '{attribute}' in {type(model).__name__} ({error}); it has: {children}."
+        ) from None
     return module
 
 
@@ -868,14 +978,17 @@ def _options_shown(options: TransferOptions) -> dict[str, Any]:
 
 def _options_text(options: TransferOptions) -> str:
     shown = _options_shown(options)
-    return ", ".join(f"{k}={v!r}" for k, v in shown.items()) or "the defaults (no key map, on_mismatch='error', not strict)"
+    return (
+        ", ".join(f"{k}={v!r}" for k, v in shown.items())
+        or "the defaults (no key map, on_mismatch='error', not strict)"
+    )
 
 
 def _shapes(module: Any) -> dict[str, list[int]]:
     return {name: list(t.shape) for name, t in module.state_dict(keep_vars=True).items() if hasattr(t, "shape")}
 
 
-def _print_keys(report: TransferReport, shapes: Mapping[str, list[int]], limit: Optional[int]) -> None:
+def _print_keys(report: TransferReport, shapes: Mapping[str, list[int]], limit: int | None) -> None:
     """Prints every key of the plan, by kind, with its shape in the model (both shapes when mismatched)."""
     groups = [
         ("would load", [(k, str(shapes.get(k))) for k in report.loaded]),
@@ -896,22 +1009,29 @@ def _print_keys(report: TransferReport, shapes: Mapping[str, list[int]], limit: 
             print(f"  ... ({len(rows) - len(shown)} more; --limit)")
 
 
-def _verdict(report: TransferReport, error: Optional[PretrainerError]) -> tuple[str, int]:
+def _verdict(report: TransferReport, error: PretrainerError | None) -> tuple[str, int]:
     """Returns the one-line verdict and the exit code: 1 when a real load would raise, else 0."""
     if error is not None:
-        return (f"FAIL: a real load would raise {type(error).__name__} and copy nothing: "
-                f"{' '.join(str(error).split())}", EXIT_FAILED)
+        return (
+            f"FAIL: a real load would raise {type(error).__name__} and copy nothing: {' '.join(str(error).split())}",
+            EXIT_FAILED,
+        )
     copied = f"copy {len(report.loaded)} tensors ({format_bytes(report.bytes)})" if report.loaded else "copy nothing"
     if report.complete:
         return f"OK: a real load would {copied} and leave nothing missing, unexpected or mismatched.", EXIT_OK
-    left = [f"{len(report.missing)} missing" if report.missing else "",
-            f"{len(report.unexpected)} unexpected" if report.unexpected else "",
-            f"{len(report.mismatched)} mismatched" if report.mismatched else ""]
-    return (f"OK, incomplete: a real load would {copied} and succeed with {', '.join(x for x in left if x)} "
-            "(a warning in the job; --strict makes it a failure).", EXIT_OK)
+    left = [
+        f"{len(report.missing)} missing" if report.missing else "",
+        f"{len(report.unexpected)} unexpected" if report.unexpected else "",
+        f"{len(report.mismatched)} mismatched" if report.mismatched else "",
+    ]
+    return (
+        f"OK, incomplete: a real load would {copied} and succeed with {', '.join(x for x in left if x)} "
+        "(a warning in the job; --strict makes it a failure).",
+        EXIT_OK,
+    )
 
 
-def _suggest_key_map(report: TransferReport) -> Optional[tuple[str, str]]:
+def _suggest_key_map(report: TransferReport) -> tuple[str, str] | None:
     """Returns (file prefix, model prefix) when one renaming turns left-over file keys into most missing ones.
 
     Only the simplest renaming is guessed: a prefix added to or removed from whole names. File

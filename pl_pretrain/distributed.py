@@ -25,8 +25,9 @@ import logging
 import os
 import socket
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Protocol, TypeVar, Union
+from typing import Any, Literal, Protocol, TypeVar
 
 import torch.distributed as dist
 
@@ -54,7 +55,7 @@ DEFAULT_TIMEOUT = datetime.timedelta(hours=24)
 Overridden by the environment variable ``PL_PRETRAIN_COLLECT_TIMEOUT`` (seconds) or per call.
 """
 
-PerNode = Union[bool, Literal["auto"]]
+PerNode = bool | Literal["auto"]
 
 
 class SharedProbe(Protocol):
@@ -141,26 +142,24 @@ def topology(group: Any = None) -> Topology:
 
 # One long-timeout gloo group per default process group; creating it is itself a collective, so it
 # is made once, at the first collection, by every rank together.
-_WAIT_GROUPS: "weakref.WeakKeyDictionary[Any, tuple[datetime.timedelta, Any]]" = weakref.WeakKeyDictionary()
+_WAIT_GROUPS: weakref.WeakKeyDictionary[Any, tuple[datetime.timedelta, Any]] = weakref.WeakKeyDictionary()
 
 
-def _timeout(timeout: Union[datetime.timedelta, float, None]) -> datetime.timedelta:
+def _timeout(timeout: datetime.timedelta | float | None) -> datetime.timedelta:
     if timeout is None:
         env = os.environ.get("PL_PRETRAIN_COLLECT_TIMEOUT")
         if env:
             try:
                 return datetime.timedelta(seconds=float(env))
             except ValueError:
-                raise ConfigurationError(
-                    f"PL_PRETRAIN_COLLECT_TIMEOUT={env!r} is not a number of seconds."
-                ) from None
+                raise ConfigurationError(f"PL_PRETRAIN_COLLECT_TIMEOUT={env!r} is not a number of seconds.") from None
         return DEFAULT_TIMEOUT
     if isinstance(timeout, datetime.timedelta):
         return timeout
     return datetime.timedelta(seconds=float(timeout))
 
 
-def _wait_group(timeout: Union[datetime.timedelta, float, None]) -> Any:
+def _wait_group(timeout: datetime.timedelta | float | None) -> Any:
     wanted = _timeout(timeout)
     world = dist.group.WORLD
     cached = _WAIT_GROUPS.get(world)
@@ -201,7 +200,9 @@ def _attempt(work: Callable[[], T], rank: int) -> tuple[str, Any, BaseException 
         return ("error", record_for(error, rank=rank), error)
 
 
-def _round(work: Callable[[], T], rank: int, runs: bool, group: Any, *, share_value: bool = True) -> tuple[list[Any], Any]:
+def _round(
+    work: Callable[[], T], rank: int, runs: bool, group: Any, *, share_value: bool = True
+) -> tuple[list[Any], Any]:
     """Returns (every rank's outcome, this rank's value) once `work` ran where `runs`; a failure anywhere raises everywhere.
 
     Each outcome is ``None`` for a rank that did not run, else ``(state, value)``; with
@@ -233,7 +234,7 @@ def run_once(
     per_node: PerNode = "auto",
     probe: SharedProbe | None = None,
     check: Callable[[T], bool] | None = None,
-    timeout: Union[datetime.timedelta, float, None] = None,
+    timeout: datetime.timedelta | float | None = None,
 ) -> T:
     """Returns the value of `work`, run by the fetching rank(s) only, on every rank.
 
@@ -337,7 +338,7 @@ def _nodes_that_fetch(topo: Topology, per_node: PerNode, probe: SharedProbe | No
     return [node != 0 and not all(seen[r] for r in topo.ranks_on(node)) for node in range(topo.num_nodes)]
 
 
-def run_everywhere(work: Callable[[], T], *, timeout: Union[datetime.timedelta, float, None] = None) -> T:
+def run_everywhere(work: Callable[[], T], *, timeout: datetime.timedelta | float | None = None) -> T:
     """Returns `work()`, run on every rank; if it fails on any rank, every rank raises that error.
 
     Raises:
@@ -349,7 +350,7 @@ def run_everywhere(work: Callable[[], T], *, timeout: Union[datetime.timedelta, 
     return value
 
 
-def broadcast_object(value: Any, src: int = 0, *, timeout: Union[datetime.timedelta, float, None] = None) -> Any:
+def broadcast_object(value: Any, src: int = 0, *, timeout: datetime.timedelta | float | None = None) -> Any:
     """Returns rank `src`'s `value` on every rank (the value itself when not distributed)."""
     if not is_distributed():
         return value
@@ -357,7 +358,6 @@ def broadcast_object(value: Any, src: int = 0, *, timeout: Union[datetime.timede
     with _lost_contact():
         dist.broadcast_object_list(box, src=src, group=_wait_group(timeout))
     return box[0]
-
 
 
 def global_rank() -> int:

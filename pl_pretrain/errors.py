@@ -54,7 +54,7 @@ class PretrainerError(Exception):
 
     def with_context(
         self, *, key: str | None = None, source: str | None = None, rank: int | None = None
-    ) -> "PretrainerError":
+    ) -> PretrainerError:
         """Returns this error with the fields that were still unknown filled in."""
         if self.key is None and key is not None:
             self.key = key

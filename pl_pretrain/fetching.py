@@ -40,8 +40,9 @@ import urllib.request
 import uuid
 import warnings
 from collections import namedtuple
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, Union
+from typing import Any
 
 import filelock
 
@@ -131,9 +132,9 @@ class FetchConfig:
     overwrite: bool = False
     allow_updates: bool = False
     allow_network: bool = True
-    token: Union[bool, str, None] = dataclasses.field(default=None, repr=False)
+    token: bool | str | None = dataclasses.field(default=None, repr=False)
     revision: str | None = None
-    huggingface_cache_dir: Union[str, pathlib.Path, None] = None
+    huggingface_cache_dir: str | pathlib.Path | None = None
     retries: int = 3
     timeout: float = 60.0
     progress: bool | None = None
@@ -179,7 +180,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
-def guess_source(source: Union[str, os.PathLike, FetchSource]) -> tuple[FetchFrom, str]:
+def guess_source(source: str | os.PathLike | FetchSource) -> tuple[FetchFrom, str]:
     """Returns ``(FetchFrom, path)`` for a source: a URL, an existing folder, or a Hub repo id.
 
     ``http://`` and ``https://`` are URLs; an existing directory is local; anything else is taken
@@ -418,7 +419,7 @@ def _place(src: pathlib.Path, dst: pathlib.Path, strategy: LocalStrategy, source
 # --------------------------------------------------------------------------------------------
 
 
-def file_sha256(path: Union[str, os.PathLike]) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
     """Returns the hex sha256 of a file, read in chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -500,7 +501,9 @@ def _download_url(url: str, dst: pathlib.Path, config: FetchConfig, *, source: s
 
     def attempt() -> tuple[pathlib.Path, str, int]:
         tmp = _tmp_beside(dst)
-        request = urllib.request.Request(request_url, headers={"User-Agent": "pl-pretrain", "Accept-Encoding": "identity"})
+        request = urllib.request.Request(
+            request_url, headers={"User-Agent": "pl-pretrain", "Accept-Encoding": "identity"}
+        )
         if authorization is not None:
             request.add_unredirected_header("Authorization", authorization)
         done = False
@@ -519,7 +522,9 @@ def _download_url(url: str, dst: pathlib.Path, config: FetchConfig, *, source: s
                     out.flush()
                     os.fsync(out.fileno())
                 if expected is not None and size != expected:
-                    raise _Transient(f"the connection ended after {size} of the {expected} bytes announced by Content-Length")
+                    raise _Transient(
+                        f"the connection ended after {size} of the {expected} bytes announced by Content-Length"
+                    )
             done = True
             return tmp, digest.hexdigest(), size
         except urllib.error.HTTPError as error:
@@ -531,7 +536,7 @@ def _download_url(url: str, dst: pathlib.Path, config: FetchConfig, *, source: s
                 403: "The server refuses access to this file.",
             }.get(error.code, "Check the address.")
             raise FetchError(f"HTTP {error.code} {error.reason} for {safe_url}.", source=source, hint=hint) from None
-        except (socket.timeout, TimeoutError):
+        except TimeoutError:
             raise _Transient(f"timed out: no data for {config.timeout:g} s (FetchConfig(timeout=...))") from None
         except (urllib.error.URLError, http.client.HTTPException, ConnectionError) as error:
             reason = getattr(error, "reason", error)
@@ -630,7 +635,7 @@ def _hub_download(
     subfolder: str | None,
     config: FetchConfig,
     *,
-    cache_dir: Union[str, pathlib.Path, None],
+    cache_dir: str | pathlib.Path | None,
     source: str,
     local_only: bool,
 ) -> pathlib.Path:
@@ -751,8 +756,8 @@ def _hub_provenance(cached: pathlib.Path) -> tuple[str | None, str | None]:
 
 def fetch(
     filename: str,
-    source: Union[str, os.PathLike, FetchSource],
-    savedir: Union[str, os.PathLike, None] = None,
+    source: str | os.PathLike | FetchSource,
+    savedir: str | os.PathLike | None = None,
     save_filename: str | None = None,
     local_strategy: LocalStrategy = LocalStrategy.SYMLINK,
     fetch_config: FetchConfig | None = None,
@@ -776,8 +781,8 @@ def fetch(
 
 def fetch_file(
     filename: str,
-    source: Union[str, os.PathLike, FetchSource],
-    savedir: Union[str, os.PathLike, None] = None,
+    source: str | os.PathLike | FetchSource,
+    savedir: str | os.PathLike | None = None,
     save_filename: str | None = None,
     local_strategy: LocalStrategy = LocalStrategy.SYMLINK,
     fetch_config: FetchConfig | None = None,
@@ -826,7 +831,9 @@ def fetch_file(
     _make_dirs(savedir_path, source_text if fetch_from is not FetchFrom.URI else redact_url(source_text))
     with _locked(savedir_path, save_filename):
         # Verified under the lock: a bad file is removed before another process can reuse it.
-        fetched = _fetch_remote_placed(fetch_from, source_text, filename, savedir_path, save_filename, local_strategy, config)
+        fetched = _fetch_remote_placed(
+            fetch_from, source_text, filename, savedir_path, save_filename, local_strategy, config
+        )
         return _checked(fetched, expected)
 
 
@@ -943,7 +950,13 @@ def _fetch_remote_unplaced(fetch_from: FetchFrom, source: str, filename: str, co
     repo_id, subfolder = _check_hub_id(source)
     local_only = not config.allow_network or _offline()
     cached = _hub_download(
-        repo_id, filename, subfolder, config, cache_dir=config.huggingface_cache_dir, source=source, local_only=local_only
+        repo_id,
+        filename,
+        subfolder,
+        config,
+        cache_dir=config.huggingface_cache_dir,
+        source=source,
+        local_only=local_only,
     )
     return _hub_fetched(cached, source, filename, config, cached)
 
@@ -1022,7 +1035,14 @@ def _fetch_remote_placed(
         # A file put there by hand or by an older tool: SpeechBrain reuses it, and so do we.
         logger.info("Using '%s', which was already there (no record of its source).", dst)
         return Fetched(
-            dst, fetch_from, shown_source, shown_filename, str(dst), revision=config.revision, size=dst.stat().st_size, reused=True
+            dst,
+            fetch_from,
+            shown_source,
+            shown_filename,
+            str(dst),
+            revision=config.revision,
+            size=dst.stat().st_size,
+            reused=True,
         )
 
     if uri:
@@ -1060,7 +1080,12 @@ def _fetch_remote_placed(
         placed = dataclasses.replace(fetched, path=dst)
     else:
         cached = _hub_download(
-            repo_id, filename, subfolder, config, cache_dir=config.huggingface_cache_dir, source=source,
+            repo_id,
+            filename,
+            subfolder,
+            config,
+            cache_dir=config.huggingface_cache_dir,
+            source=source,
             local_only=not network,
         )
         fetched = _hub_fetched(cached, source, filename, config, cached)

@@ -14,14 +14,15 @@ import logging
 import os
 import pathlib
 import uuid
-from typing import Any, Callable, Mapping, Union
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from pl_pretrain import distributed
 from pl_pretrain.errors import ConfigurationError, FetchError, PretrainerError, TransferError
 from pl_pretrain.fetching import (
     RECORD_DIR,
-    Fetched,
     FetchConfig,
+    Fetched,
     FetchFrom,
     FetchSource,
     LocalStrategy,
@@ -52,7 +53,7 @@ logger = logging.getLogger(__name__)
 PARAMFILE_EXT = ".ckpt"
 """Every loadable is collected as ``<key>.ckpt``, whatever its source file is called."""
 
-Source = Union[str, os.PathLike, FetchSource]
+Source = str | os.PathLike | FetchSource
 
 
 class Pretrainer:
@@ -81,14 +82,14 @@ class Pretrainer:
 
     def __init__(
         self,
-        collect_in: Union[str, os.PathLike, None] = "./model_checkpoints",
+        collect_in: str | os.PathLike | None = "./model_checkpoints",
         loadables: Mapping[str, Any] | None = None,
         paths: Mapping[str, Source] | None = None,
         custom_hooks: Mapping[str, Callable[..., Any]] | None = None,
         conditions: Mapping[str, Any] | None = None,
         *,
         checksums: Mapping[str, str] | None = None,
-        transfer_options: Mapping[str, Union[TransferOptions, Mapping[str, Any]]] | None = None,
+        transfer_options: Mapping[str, TransferOptions | Mapping[str, Any]] | None = None,
     ) -> None:
         self.loadables: dict[str, Any] = {}
         self.paths: dict[str, Source] = {}
@@ -113,7 +114,7 @@ class Pretrainer:
     # Configuration (the seed's methods)
     # ----------------------------------------------------------------------------------------
 
-    def set_collect_in(self, path: Union[str, os.PathLike, None]) -> None:
+    def set_collect_in(self, path: str | os.PathLike | None) -> None:
         """Changes the collection folder (``None``: load files from where they live)."""
         self.collect_in = None if path is None else pathlib.Path(path)
 
@@ -148,7 +149,7 @@ class Pretrainer:
             parse_checksum(checksum, key=key)
         self.checksums.update(checksums)
 
-    def add_transfer_options(self, options: Mapping[str, Union[TransferOptions, Mapping[str, Any]]]) -> None:
+    def add_transfer_options(self, options: Mapping[str, TransferOptions | Mapping[str, Any]]) -> None:
         """Adds or replaces transfer options (key -> `TransferOptions` or a dict of its fields)."""
         for key, value in options.items():
             self.transfer_options[key] = TransferOptions.coerce(value, key=key)
@@ -191,8 +192,8 @@ class Pretrainer:
         *,
         local_strategy: LocalStrategy = LocalStrategy.SYMLINK,
         fetch_config: FetchConfig | None = None,
-        collect_per_node: Union[bool, str] = "auto",
-        timeout: Union[datetime.timedelta, float, None] = None,
+        collect_per_node: bool | str = "auto",
+        timeout: datetime.timedelta | float | None = None,
     ) -> dict[str, pathlib.Path]:
         """Returns key -> local path of each loadable's file, fetching what is missing.
 
@@ -241,7 +242,9 @@ class Pretrainer:
         self.loadable_paths = {key: fetched.path for key, fetched in collected.items()}
         return dict(self.loadable_paths)
 
-    def _fetch_all(self, default_source: Source | None, strategy: LocalStrategy, config: FetchConfig) -> dict[str, Fetched]:
+    def _fetch_all(
+        self, default_source: Source | None, strategy: LocalStrategy, config: FetchConfig
+    ) -> dict[str, Fetched]:
         self._check_keys()
         requests = {}
         for key in self.loadables:
@@ -257,19 +260,28 @@ class Pretrainer:
                     key=key,
                     hint=f"Add paths={{'{key}': '<source>/<file>'}}, or pass collect_files(default_source=...).",
                 )
-        return {key: self._fetch_one(key, source, filename, strategy, config) for key, (source, filename) in requests.items()}
+        return {
+            key: self._fetch_one(key, source, filename, strategy, config)
+            for key, (source, filename) in requests.items()
+        }
 
-    def _fetch_one(self, key: str, source: Source, filename: str, strategy: LocalStrategy, config: FetchConfig) -> Fetched:
+    def _fetch_one(
+        self, key: str, source: Source, filename: str, strategy: LocalStrategy, config: FetchConfig
+    ) -> Fetched:
         shown = _show_source(source)
         expected = parse_checksum(self.checksums[key], key=key) if key in self.checksums else None
         try:
-            fetched = fetch_file(filename, source, self.collect_in, key + PARAMFILE_EXT, strategy, config, sha256=expected)
+            fetched = fetch_file(
+                filename, source, self.collect_in, key + PARAMFILE_EXT, strategy, config, sha256=expected
+            )
             shards = shard_names(fetched.path)
             if shards:
                 # A sharded checkpoint's index: its shards live beside it in the source, and are
                 # collected into <collect_in>/<key>.shards/ (see transfer.shard_folder_name).
                 prefix = filename.rpartition("/")[0]
-                shard_dir = None if self.collect_in is None else self.collect_in / shard_folder_name(key + PARAMFILE_EXT)
+                shard_dir = (
+                    None if self.collect_in is None else self.collect_in / shard_folder_name(key + PARAMFILE_EXT)
+                )
                 for name in shards:
                     fetch_file(
                         f"{prefix}/{name}" if prefix else name,
@@ -281,7 +293,8 @@ class Pretrainer:
                     )
             return fetched
         except PretrainerError as error:
-            raise error.with_context(key=key, source=shown)
+            error.with_context(key=key, source=shown)
+            raise
         except Exception as error:  # anything unforeseen still names the key and the source
             raise FetchError(f"{type(error).__name__}: {error}", key=key, source=shown) from error
 
@@ -354,7 +367,9 @@ class Pretrainer:
                     key=key,
                     hint="Call collect_files() (with internal_ddp_handling=True on every rank) before load_collected().",
                 )
-            found[key] = Fetched(path, FetchFrom.LOCAL, str(self.collect_in), path.name, str(path), size=path.stat().st_size)
+            found[key] = Fetched(
+                path, FetchFrom.LOCAL, str(self.collect_in), path.name, str(path), size=path.stat().st_size
+            )
         return found
 
     def _load_one(self, key: str, fetched: Fetched) -> TransferReport | None:
@@ -365,7 +380,8 @@ class Pretrainer:
                 verify_sha256(fetched, parse_checksum(self.checksums[key], key=key), rehash=True)
             result = self._call_hook(key, obj, fetched.path)
         except PretrainerError as error:
-            raise error.with_context(key=key, source=fetched.location)
+            error.with_context(key=key, source=fetched.location)
+            raise
         except Exception as error:  # a user's hook failing still names the key and the file
             raise TransferError(
                 f"Loading '{fetched.path}' into {type(obj).__name__} failed: {type(error).__name__}: {error}",

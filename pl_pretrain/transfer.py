@@ -28,6 +28,7 @@ This module knows nothing about ranks.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import inspect
 import json
@@ -35,8 +36,9 @@ import logging
 import os
 import pathlib
 import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Iterable, Mapping, Optional, Union
+from typing import Any
 
 import torch
 
@@ -65,8 +67,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, pathlib.Path]
-KeyMap = Union[Mapping[str, str], Callable[[str], Optional[str]]]
+PathLike = str | pathlib.Path
+KeyMap = Mapping[str, str] | Callable[[str], str | None]
 
 
 @dataclass
@@ -185,15 +187,15 @@ class TransferOptions:
             (default): keep the target's devices. A target on the ``meta`` device needs a device.
     """
 
-    include: Optional[tuple[str, ...]] = None
+    include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
-    key_map: Optional[KeyMap] = None
+    key_map: KeyMap | None = None
     on_mismatch: str = "error"
     strict: bool = False
     weights_only: bool = True
     mmap: bool = True
-    dtype: Union[torch.dtype, str, None] = None
-    device: Union[torch.device, str, None] = None
+    dtype: torch.dtype | str | None = None
+    device: torch.device | str | None = None
 
     def __post_init__(self) -> None:
         # Plain data from YAML (lists, strings) becomes the canonical types once, here.
@@ -219,7 +221,7 @@ class TransferOptions:
         set_(self, "device", _as_device(self.device))
 
     @classmethod
-    def coerce(cls, value: "TransferOptions | Mapping[str, Any] | None", *, key: str | None = None) -> "TransferOptions":
+    def coerce(cls, value: TransferOptions | Mapping[str, Any] | None, *, key: str | None = None) -> TransferOptions:
         """Returns `value` as TransferOptions: itself, the defaults for None, or built from a dict of fields.
 
         Raises:
@@ -236,9 +238,12 @@ class TransferOptions:
             return cls(**value)
         except TypeError as error:
             known = ", ".join(f.name for f in fields(cls))
-            raise ConfigurationError(f"{where} has an unknown field: {error}.", key=key, hint=f"Known fields: {known}.") from None
+            raise ConfigurationError(
+                f"{where} has an unknown field: {error}.", key=key, hint=f"Known fields: {known}."
+            ) from None
         except ConfigurationError as error:
-            raise error.with_context(key=key)
+            error.with_context(key=key)
+            raise
 
 
 def _patterns(name: str, value: Any) -> tuple[str, ...]:
@@ -288,7 +293,7 @@ def format_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def format_reports(reports: Mapping[str, "TransferReport | None"]) -> str:
+def format_reports(reports: Mapping[str, TransferReport | None]) -> str:
     """Returns one readable table of the reports: a row per loadable, then each odd key listed once."""
     rows = [(key, r) for key, r in reports.items() if r is not None]
     if not rows:
@@ -332,7 +337,7 @@ def format_reports(reports: Mapping[str, "TransferReport | None"]) -> str:
     return "\n".join(lines)
 
 
-def incomplete_keys(reports: Mapping[str, "TransferReport | None"]) -> list[str]:
+def incomplete_keys(reports: Mapping[str, TransferReport | None]) -> list[str]:
     """Returns the loadable keys whose report shows missing, unexpected or mismatched keys."""
     return [key for key, report in reports.items() if report is not None and not report.complete]
 
@@ -386,7 +391,7 @@ def mark_as_loader(method: Callable[..., Any]) -> Callable[..., Any]:
 def register_checkpoint_hooks(cls: type) -> type:
     """Class decorator: registers the class's `mark_as_transfer` / `mark_as_loader` methods as default hooks."""
     found = False
-    for name, method in vars(cls).items():
+    for _name, method in vars(cls).items():
         if getattr(method, "_pl_pretrain_transfer", False):
             DEFAULT_TRANSFER_HOOKS[cls] = method
             found = True
@@ -428,10 +433,9 @@ def detect_format(path: PathLike) -> str:
         )
     if head.startswith(_ZIP_MAGIC):
         return "torch"
-    if len(head) >= 9 and head[8:9] == b"{":
-        # safetensors: an 8-byte little-endian header length, then the JSON header.
-        if 8 + int.from_bytes(head[:8], "little") <= size:
-            return "safetensors"
+    # safetensors: an 8-byte little-endian header length, then the JSON header.
+    if len(head) >= 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size:
+        return "safetensors"
     if head.lstrip()[:1] == b"{" and _weight_map(path) is not None:
         return "index"
     if head[:1] == b"\x80":
@@ -554,11 +558,10 @@ def _unsafe_error(path: pathlib.Path, error: Exception) -> UnsafeCheckpointError
     if "Weights only load failed" not in text and "WeightsUnpickler" not in text:
         return None
     wanted: list[str] = []
-    try:
-        # Lists every global the file asks for, not only the first one torch tripped over.
+    # Lists every global the file asks for, not only the first one torch tripped over; older
+    # torch, or a legacy (non-zip) file, falls back on the message.
+    with contextlib.suppress(Exception):
         wanted = list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
-    except Exception:  # older torch, or a legacy (non-zip) file: fall back on the message
-        pass
     if not wanted:
         wanted = _GLOBAL.findall(text)
     if wanted:
@@ -860,7 +863,7 @@ def _rename(
     return renamed, left_out, prefix
 
 
-def _mapper(key_map: KeyMap | None) -> Callable[[str], Optional[str]]:
+def _mapper(key_map: KeyMap | None) -> Callable[[str], str | None]:
     """Returns file key -> target key (None: left out) for a key_map."""
     if key_map is None:
         return lambda key: key
@@ -868,7 +871,7 @@ def _mapper(key_map: KeyMap | None) -> Callable[[str], Optional[str]]:
         return key_map
     prefixes = sorted(key_map.items(), key=lambda item: len(item[0]), reverse=True)
 
-    def by_prefix(key: str) -> Optional[str]:
+    def by_prefix(key: str) -> str | None:
         for old, new in prefixes:
             if key.startswith(old):
                 return new + key[len(old) :]
@@ -913,7 +916,9 @@ def _check(
     tensors on the meta device would be left without values.
     """
     if report.mismatched and options.on_mismatch == "error":
-        shapes = "; ".join(f"{k}: file {list(a)} vs model {list(b)}" for k, (a, b) in list(report.mismatched.items())[:10])
+        shapes = "; ".join(
+            f"{k}: file {list(a)} vs model {list(b)}" for k, (a, b) in list(report.mismatched.items())[:10]
+        )
         more = f" (and {len(report.mismatched) - 10} more)" if len(report.mismatched) > 10 else ""
         raise TransferError(
             f"'{path}' has other shapes than {type(obj).__name__} for {len(report.mismatched)} "
@@ -986,10 +991,11 @@ def _place(obj: torch.nn.Module, loading: set[int], options: TransferOptions) ->
                 device = options.device if options.device is not None else tensor.device
                 if tensor.dtype == dtype and tensor.device == device:
                     continue  # includes a tied parameter already placed under another name
-                if id(tensor) in loading:
-                    new = torch.empty(tensor.shape, dtype=dtype, device=device)
-                else:
-                    new = tensor.detach().to(dtype=dtype, device=device)
+                new = (
+                    torch.empty(tensor.shape, dtype=dtype, device=device)
+                    if id(tensor) in loading
+                    else tensor.detach().to(dtype=dtype, device=device)
+                )
                 if isinstance(tensor, torch.nn.Parameter) and not tensor.is_meta:
                     tensor.data = new  # same Parameter object: optimizers and ties still see it
                     continue

@@ -133,13 +133,22 @@ def run_world(server: CappedServer, world: int, mode: str, size_mib: int, work: 
     results = assert_all_ok(run_ranks(job, world, args=(mode, server.url, str(folder), size_mib), timeout=900))
     wall = max(r["finished"] for r in results) - min(r["started"] for r in results)
     errors = [r["error"] for r in results if r["error"]]
-    return {"world": world, "mode": mode, "requests": server.requests, "bytes": server.bytes, "wall": wall,
-            "errors": len(errors), "first_error": errors[0] if errors else ""}
+    return {
+        "world": world,
+        "mode": mode,
+        "requests": server.requests,
+        "bytes": server.bytes,
+        "wall": wall,
+        "errors": len(errors),
+        "first_error": errors[0] if errors else "",
+    }
 
 
 def fanout(server: CappedServer, world: int, work: pathlib.Path) -> float:
     folder = work / f"fanout-{world}"
-    results = assert_all_ok(run_ranks(job, world, args=("pl_pretrain", server.url + "/missing", str(folder), 1), timeout=300))
+    results = assert_all_ok(
+        run_ranks(job, world, args=("pl_pretrain", server.url + "/missing", str(folder), 1), timeout=300)
+    )
     assert all(r["error"] and "HTTP 404" in r["error"] for r in results), results
     return max(r["finished"] for r in results) - results[0]["finished"]
 
@@ -163,8 +172,11 @@ def main() -> None:
             for mode in ("naive", "pl_pretrain"):
                 row = run_world(server, world, mode, args.size, work)
                 rows.append(row)
-                print(f"{world} ranks {mode:11s} requests {row['requests']:2d} bytes {row['bytes'] / 2**20:7.1f} MiB "
-                      f"wall {row['wall']:6.2f} s errors {row['errors']}", flush=True)
+                print(
+                    f"{world} ranks {mode:11s} requests {row['requests']:2d} bytes {row['bytes'] / 2**20:7.1f} MiB "
+                    f"wall {row['wall']:6.2f} s errors {row['errors']}",
+                    flush=True,
+                )
             if world > 1:
                 fanouts[world] = fanout(server, world, work)
                 print(f"{world} ranks failure fan-out {fanouts[world] * 1000:.0f} ms", flush=True)
@@ -199,7 +211,11 @@ def write_report(args, payload: bytes, rows: list[dict], fanouts: dict[int, floa
     if failures:
         lines += ["", f"A naive rank's error: `{failures[0]['first_error'][:200]}`"]
     if any(r["mode"] == "pl_pretrain" and r["errors"] for r in rows):
-        lines += ["", "**pl_pretrain had errors in this run:** " + "; ".join(r["first_error"] for r in rows if r["mode"] == "pl_pretrain" and r["errors"])]
+        lines += [
+            "",
+            "**pl_pretrain had errors in this run:** "
+            + "; ".join(r["first_error"] for r in rows if r["mode"] == "pl_pretrain" and r["errors"]),
+        ]
     if fanouts:
         lines += [
             "",

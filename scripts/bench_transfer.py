@@ -31,6 +31,7 @@ the machine; rerun it on yours:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -338,10 +339,8 @@ def run_concurrent(spec: dict[str, Any], variant: str, path: pathlib.Path, ranks
 
 def machine() -> str:
     cpu = "unknown CPU"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as info:
+        cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
     import torch
 
     mem = meminfo_kib()["MemTotal"] / 1024**2
@@ -508,11 +507,15 @@ def plot(single: dict, concurrent: list, size: int, path: pathlib.Path) -> None:
     low = [min(r["wall_s"] for r in single[v]) for v in names]
     high = [max(r["wall_s"] for r in single[v]) for v in names]
     peak = [max(r["anon_peak_added_kib"] for r in single[v]) / 1024 for v in names]
-    colors = ["#999999" if v == "floor" else "#d62728" if v.startswith(("speechbrain", "naive")) else "#1f77b4" for v in names]
+    colors = [
+        "#999999" if v == "floor" else "#d62728" if v.startswith(("speechbrain", "naive")) else "#1f77b4" for v in names
+    ]
     panels = 3 if concurrent else 2
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.8))
     ax = axes[0]
-    ax.bar(names, low, color=colors, yerr=[[0] * len(low), [hi - lo for lo, hi in zip(low, high)]], capsize=3)
+    ax.bar(
+        names, low, color=colors, yerr=[[0] * len(low), [hi - lo for lo, hi in zip(low, high, strict=False)]], capsize=3
+    )
     ax.plot(names, med, "k_", markersize=14, label="median")
     ax.set_ylabel("wall time, s (bar: best run, whisker: worst)")
     ax.legend()
@@ -551,8 +554,12 @@ def main() -> None:
     parser.add_argument("--size", type=parse_size, default=GiB, help="checkpoint size, e.g. 1GiB (default), 256MiB")
     parser.add_argument("--repeats", type=int, default=5, help="runs of each one-process variant (default 5)")
     parser.add_argument("--ranks", type=int, default=4, help="processes in the one-node run (0 to skip; default 4)")
-    parser.add_argument("--workdir", type=pathlib.Path, default=None, help="where to write the checkpoints (a temp folder)")
-    parser.add_argument("--out", type=pathlib.Path, default=REPO / "docs" / "benchmarks" / "transfer", help="output path without suffix")
+    parser.add_argument(
+        "--workdir", type=pathlib.Path, default=None, help="where to write the checkpoints (a temp folder)"
+    )
+    parser.add_argument(
+        "--out", type=pathlib.Path, default=REPO / "docs" / "benchmarks" / "transfer", help="output path without suffix"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -592,7 +599,14 @@ def main() -> None:
     text = report(args, size, single, concurrent, args.out, command.strip())
     args.out.with_suffix(".md").write_text(text)
     plot(single, concurrent, size, args.out.with_suffix(".png"))
-    raw = {"size": size, "blocks": args.blocks, "machine": machine(), "command": command.strip(), "single": single, "concurrent": concurrent}
+    raw = {
+        "size": size,
+        "blocks": args.blocks,
+        "machine": machine(),
+        "command": command.strip(),
+        "single": single,
+        "concurrent": concurrent,
+    }
     args.out.with_suffix(".json").write_text(json.dumps(raw, indent=1))
     print(text)
 

@@ -22,8 +22,9 @@ import subprocess
 import tempfile
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 _CLONE_NEWNS = 0x00020000
 
@@ -167,7 +168,9 @@ def run_ranks(
             all_args.append((fn, rank, world_size, tuple(args), store, out_dir, rank_vars, pg_timeout_s))
         if private:
             procs = [
-                ctx.Process(target=_node_main, args=(all_args[n * per_node : (n + 1) * per_node], list(private), timeout))
+                ctx.Process(
+                    target=_node_main, args=(all_args[n * per_node : (n + 1) * per_node], list(private), timeout)
+                )
                 for n in range(nodes)
             ]
         else:

@@ -11,7 +11,6 @@ import os
 
 import lightning as L
 import torch
-
 from helpers import digest
 
 
@@ -32,7 +31,9 @@ class _Recording(L.LightningModule):
             "rank": self.global_rank,
             "encoder": digest(self.encoder) if hasattr(self, "encoder") else None,
             "head": digest(self.head) if hasattr(self, "head") else None,
-            "encoder_requires_grad": [p.requires_grad for p in self.encoder.parameters()] if hasattr(self, "encoder") else None,
+            "encoder_requires_grad": [p.requires_grad for p in self.encoder.parameters()]
+            if hasattr(self, "encoder")
+            else None,
             "world_size": self.trainer.world_size,
         }
         self.records[event] = entry

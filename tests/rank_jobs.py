@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from helpers import digest, module
+
 from pl_pretrain import FetchConfig, LocalStrategy, Pretrainer, PretrainerError
 
 

@@ -77,7 +77,7 @@ class _Base:
         self.url = f"http://127.0.0.1:{self.port}"
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
-    def start(self) -> "_Base":
+    def start(self) -> _Base:
         self._thread.start()
         return self
 
@@ -254,7 +254,9 @@ class HubServer(_Base):
         self.sha256_etags = True
         self.lying_etags.clear()
 
-    def add_file(self, repo_id: str, filename: str, data: bytes, *, revision: str = "main", token: str | None = None) -> str:
+    def add_file(
+        self, repo_id: str, filename: str, data: bytes, *, revision: str = "main", token: str | None = None
+    ) -> str:
         """Publishes `data` as `filename` at `revision` of `repo_id` (a new commit); returns the commit."""
         repo = self.repos.setdefault(repo_id, _Repo())
         if token is not None:
@@ -291,7 +293,9 @@ class HubServer(_Base):
         body = repo.files[commit].get(filename)
         if body is None:
             self._send(
-                h, method, 404,
+                h,
+                method,
+                404,
                 {"X-Error-Code": "EntryNotFound", "X-Error-Message": "Entry not found", "X-Repo-Commit": commit},
                 b"",
             )

@@ -15,15 +15,14 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from helpers import ckpt_bytes, digest
 from lightning.pytorch.callbacks import BaseFinetuning
 from lightning.pytorch.loggers import CSVLogger
-
-from helpers import ckpt_bytes, digest
 from lightning_models import LateModel, Model, Nested, encoder
+
 from pl_pretrain import FetchConfig, Pretrainer, PretrainerCallback
 from pl_pretrain.callback import load_pretrained
 from pl_pretrain.errors import ConfigurationError, FetchError
-
 
 PRETRAINED_SEED = 7
 
@@ -51,8 +50,14 @@ def pretrained(tmp_path):
 
 def trainer(tmp_path, callbacks, **kwargs):
     options = dict(
-        accelerator="cpu", devices=1, max_steps=3, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path / "root"),
+        accelerator="cpu",
+        devices=1,
+        max_steps=3,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=str(tmp_path / "root"),
     )
     options.update(kwargs)
     return L.Trainer(callbacks=callbacks, **options)
@@ -73,12 +78,16 @@ def test_single_device_loads_before_the_first_step(tmp_path, pretrained, records
 def test_objects_and_nested_attribute_paths(tmp_path, pretrained, records):
     folder, expected = pretrained
     model = Nested()
-    cb = PretrainerCallback(collect_in=tmp_path / "c", loadables={"encoder": "model.backbone"}, default_source=str(folder))
+    cb = PretrainerCallback(
+        collect_in=tmp_path / "c", loadables={"encoder": "model.backbone"}, default_source=str(folder)
+    )
     trainer(tmp_path, [cb]).fit(model)
     assert records("run", "train_start")[0]["encoder"] == expected
 
     model2 = Model(tag="objects")
-    cb2 = PretrainerCallback(collect_in=tmp_path / "c2", loadables={"encoder": model2.encoder}, default_source=str(folder))
+    cb2 = PretrainerCallback(
+        collect_in=tmp_path / "c2", loadables={"encoder": model2.encoder}, default_source=str(folder)
+    )
     trainer(tmp_path, [cb2]).fit(model2)
     assert records("objects", "train_start")[0]["encoder"] == expected
 
@@ -101,7 +110,9 @@ def test_layers_built_in_configure_model_get_their_weights(tmp_path, pretrained,
 
 def test_missing_attribute_lists_what_exists(tmp_path, pretrained):
     folder, _ = pretrained
-    cb = PretrainerCallback(collect_in=tmp_path / "c", loadables={"encoder": "model.decodr"}, default_source=str(folder))
+    cb = PretrainerCallback(
+        collect_in=tmp_path / "c", loadables={"encoder": "model.decodr"}, default_source=str(folder)
+    )
     with pytest.raises(ConfigurationError, match="Nested has no attribute 'model.decodr'") as info:
         trainer(tmp_path, [cb]).fit(Nested())
     assert "backbone" in str(info.value) and info.value.key == "encoder"
@@ -144,7 +155,9 @@ def test_resume_warns_when_sources_changed(tmp_path, pretrained):
 def test_checkpoint_records_where_the_weights_came_from(tmp_path, hub):
     commit = hub.add_file("org/asr", "encoder.ckpt", ckpt_bytes(encoder(seed=PRETRAINED_SEED)))
     cb = PretrainerCallback(
-        collect_in=tmp_path / "c", loadables={"encoder": "encoder"}, paths={"encoder": "org/asr/encoder.ckpt"},
+        collect_in=tmp_path / "c",
+        loadables={"encoder": "encoder"},
+        paths={"encoder": "org/asr/encoder.ckpt"},
         fetch_config=FetchConfig(revision="main", token="hf_should_not_be_recorded"),
     )
     t = trainer(tmp_path, [cb])
@@ -206,7 +219,9 @@ class UnfreezeAtEpoch1(BaseFinetuning):
 
 def test_freeze_plays_well_with_base_finetuning(tmp_path, pretrained, records):
     folder, expected = pretrained
-    cb = PretrainerCallback(collect_in=tmp_path / "c", loadables={"encoder": "encoder"}, default_source=str(folder), freeze=True)
+    cb = PretrainerCallback(
+        collect_in=tmp_path / "c", loadables={"encoder": "encoder"}, default_source=str(folder), freeze=True
+    )
     model = Model()
     trainer(tmp_path, [cb, UnfreezeAtEpoch1()], max_steps=-1, max_epochs=2).fit(model)
     end = records("run", "train_end")[0]
@@ -263,7 +278,10 @@ def test_fetch_failure_stops_fit_with_the_key(tmp_path, http_server):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(pretrainer=Pretrainer(loadables={"a": torch.nn.Linear(1, 1)}), loadables={"a": "a"}), "got a Pretrainer and also loadables"),
+        (
+            dict(pretrainer=Pretrainer(loadables={"a": torch.nn.Linear(1, 1)}), loadables={"a": "a"}),
+            "got a Pretrainer and also loadables",
+        ),
         (dict(), "has nothing to load"),
         (dict(loadables={"encoder": "encoder"}, stages=["train"]), "stages=\\['train'\\] must be a list drawn from"),
         (dict(loadables={"encoder": "encoder"}, stages="fit"), "must be a list drawn from"),
@@ -283,8 +301,12 @@ def test_misuse_fails_early_with_one_sentence(kwargs, message):
 def test_two_callbacks_keep_separate_state(tmp_path, pretrained):
     folder, _ = pretrained
     a = PretrainerCallback(collect_in=tmp_path / "a", loadables={"encoder": "encoder"}, default_source=str(folder))
-    b = PretrainerCallback(collect_in=tmp_path / "b", loadables={"head": "head"}, paths={"head": str(folder / "encoder.ckpt")},
-                           transfer_options={"head": {"strict": False}})
+    b = PretrainerCallback(
+        collect_in=tmp_path / "b",
+        loadables={"head": "head"},
+        paths={"head": str(folder / "encoder.ckpt")},
+        transfer_options={"head": {"strict": False}},
+    )
     assert a.state_key != b.state_key
 
 
@@ -296,7 +318,9 @@ def test_two_callbacks_keep_separate_state(tmp_path, pretrained):
 def test_ddp_spawn_two_ranks(tmp_path, http_server, records):
     http_server.add("m/encoder.ckpt", ckpt_bytes(encoder(seed=PRETRAINED_SEED)))
     expected = digest(encoder(seed=PRETRAINED_SEED))
-    cb = PretrainerCallback(collect_in=tmp_path / "c", loadables={"encoder": "encoder"}, default_source=f"{http_server.url}/m")
+    cb = PretrainerCallback(
+        collect_in=tmp_path / "c", loadables={"encoder": "encoder"}, default_source=f"{http_server.url}/m"
+    )
     t = trainer(tmp_path, [cb], strategy="ddp_spawn", devices=2)
     model = Model(tag="spawn")
     t.fit(model)

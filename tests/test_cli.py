@@ -18,9 +18,9 @@ import textwrap
 
 import pytest
 import torch
+from helpers import Encoder, ckpt_bytes, digest, module
 from safetensors.torch import save_file
 
-from helpers import Encoder, ckpt_bytes, digest, module
 from pl_pretrain.errors import TransferError
 from pl_pretrain.transfer import diagnose_transfer, plan_transfer, torch_parameter_transfer
 
@@ -95,7 +95,12 @@ def test_a_plan_raises_what_the_transfer_raises_and_diagnose_keeps_the_report(wh
     assert str(planned.value) == str(real.value)
     report, error = diagnose_transfer(Model(classes=3, dim=8), whole_model_ckpt, options)
     assert str(error) == str(real.value)
-    assert set(report.loaded) == {"encoder.proj.weight", "encoder.proj.bias", "encoder.norm.weight", "encoder.norm.bias"}
+    assert set(report.loaded) == {
+        "encoder.proj.weight",
+        "encoder.proj.bias",
+        "encoder.norm.weight",
+        "encoder.norm.bias",
+    }
     assert report.mismatched == {"classifier.weight": ((4, 8), (3, 8)), "classifier.bias": ((4,), (3,))}
 
 
@@ -148,8 +153,12 @@ def test_bad_input_is_one_line_on_stderr_and_a_non_zero_exit(tmp_path, args, cod
     (tmp_path / "notes.txt").write_text("not a checkpoint\n")
     (tmp_path / "bad.yaml").write_text(BAD_YAML)
     (tmp_path / "none.yaml").write_text(NO_CALLBACK_YAML)
-    fill = {"text": tmp_path / "notes.txt", "bad_yaml": tmp_path / "bad.yaml", "no_callback": tmp_path / "none.yaml",
-            "tmp": tmp_path}
+    fill = {
+        "text": tmp_path / "notes.txt",
+        "bad_yaml": tmp_path / "bad.yaml",
+        "no_callback": tmp_path / "none.yaml",
+        "tmp": tmp_path,
+    }
     result = cli(*(arg.format(**fill) for arg in args))
     assert result.returncode == code, result.stderr
     assert message in one_error_line(result)
@@ -183,8 +192,16 @@ def test_fetch_then_a_fresh_offline_process_collects_without_a_single_request(tm
     url = http_server.add("models/decoder.ckpt", ckpt_bytes(module(2)))
     collect_in = tmp_path / "pretrained"
 
-    fetched = cli("fetch", "encoder=org/asr/encoder.ckpt", f"decoder={url}", "--collect-in", str(collect_in),
-                  "--revision", "v1", "--json")
+    fetched = cli(
+        "fetch",
+        "encoder=org/asr/encoder.ckpt",
+        f"decoder={url}",
+        "--collect-in",
+        str(collect_in),
+        "--revision",
+        "v1",
+        "--json",
+    )
     assert fetched.returncode == 0, fetched.stderr
     rows = {row["key"]: row for row in json.loads(fetched.stdout)}
     assert rows["encoder"]["from"] == f"hub:org/asr@{commit}/encoder.ckpt" and rows["encoder"]["commit"] == commit
@@ -201,12 +218,26 @@ def test_fetch_then_a_fresh_offline_process_collects_without_a_single_request(tm
     hub.reset_log()
     http_server.reset_log()
     job = subprocess.run(
-        [sys.executable, "-c", OFFLINE_JOB, str(collect_in), str(tmp_path / "node"), "org/asr/encoder.ckpt", url,
-         "org/lm/lm.ckpt"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-c",
+            OFFLINE_JOB,
+            str(collect_in),
+            str(tmp_path / "node"),
+            "org/asr/encoder.ckpt",
+            url,
+            "org/lm/lm.ckpt",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert job.returncode == 0, job.stderr
-    assert json.loads(job.stdout) == {"encoder": digest(module(1)), "decoder": digest(module(2)), "lm": digest(module(3))}
+    assert json.loads(job.stdout) == {
+        "encoder": digest(module(1)),
+        "decoder": digest(module(2)),
+        "lm": digest(module(3)),
+    }
     assert hub.arrivals() == 0 and http_server.arrivals() == 0  # not one request reached a server
 
 
@@ -214,7 +245,8 @@ def test_fetch_from_a_lightning_cli_config_uses_its_callbacks_not_its_offline_sw
     commit = hub.add_file("org/asr", "encoder.ckpt", ckpt_bytes(module(1)), revision="v2")
     http_server.add("shared/decoder.ckpt", ckpt_bytes(module(2)))
     config = tmp_path / "job.yaml"
-    config.write_text(textwrap.dedent(f"""\
+    config.write_text(
+        textwrap.dedent(f"""\
         trainer:
           callbacks:
             - class_path: lightning.pytorch.callbacks.EarlyStopping
@@ -229,7 +261,8 @@ def test_fetch_from_a_lightning_cli_config_uses_its_callbacks_not_its_offline_sw
                 local_strategy: COPY
                 fetch_config: {{allow_network: false, revision: v2}}
         model: {{num_classes: 4}}
-        """))
+        """)
+    )
     result = cli("fetch", "--config", str(config), "--json")
     assert result.returncode == 0, result.stderr
     rows = {row["key"]: row for row in json.loads(result.stdout)}
@@ -269,7 +302,10 @@ def test_inspect_a_sharded_checkpoint_as_json_with_filter_and_limit(tmp_path):
     result = cli("inspect", str(index), "--filter", "layers.*", "--limit", "3", "--sha256", "--json")
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
-    assert info["format"] == "sharded-safetensors" and info["shards"] == ["model-1-of-2.safetensors", "model-2-of-2.safetensors"]
+    assert info["format"] == "sharded-safetensors" and info["shards"] == [
+        "model-1-of-2.safetensors",
+        "model-2-of-2.safetensors",
+    ]
     assert info["tensors"] == 5 and info["parameters"] == 4 * 16 + 40 and info["tensor_bytes"] == 4 * 32 + 160
     assert info["dtypes"] == {"bfloat16": 4, "float32": 1}
     assert info["matching"] == 4 and info["shown"] == 3
@@ -282,8 +318,11 @@ def test_inspect_a_legacy_lightning_checkpoint_which_cannot_be_mapped(tmp_path, 
     from pl_pretrain.cli import main
 
     path = tmp_path / "legacy.ckpt"
-    torch.save({"state_dict": Model().state_dict(), "pytorch-lightning_version": "1.9.0", "epoch": 2}, path,
-               _use_new_zipfile_serialization=False)
+    torch.save(
+        {"state_dict": Model().state_dict(), "pytorch-lightning_version": "1.9.0", "epoch": 2},
+        path,
+        _use_new_zipfile_serialization=False,
+    )
     assert main(["inspect", str(path), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["format"] == "lightning" and info["tensors"] == 6 and info["other_entries"] == {}
@@ -323,12 +362,15 @@ def test_plan_finds_the_encoder_in_a_whole_model_checkpoint(whole_model_ckpt):
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "model       helpers:Encoder(dim=8), built on the meta device" in out
-    assert "loadable  format  loaded  missing  unexpected  mismatched  excluded   size  source\n" in out  # format_reports'
+    assert (
+        "loadable  format  loaded  missing  unexpected  mismatched  excluded   size  source\n" in out
+    )  # format_reports'
     assert "prefix 'encoder.': found in front of every model key in the file, and stripped" in out
     assert "would load: 4\n  proj.weight  [8, 8]\n" in out
     assert "excluded (left out on purpose): 2\n  classifier.weight\n  classifier.bias\n" in out
-    assert out.rstrip().endswith("verdict: OK: a real load would copy 4 tensors (352 B) and leave nothing missing, "
-                                 "unexpected or mismatched.")
+    assert out.rstrip().endswith(
+        "verdict: OK: a real load would copy 4 tensors (352 B) and leave nothing missing, unexpected or mismatched."
+    )
 
 
 def test_plan_shows_a_shape_mismatch_as_the_failure_a_real_load_would_be(whole_model_ckpt):
@@ -346,18 +388,31 @@ def test_plan_suggests_the_key_map_and_the_options_override_the_defaults(whole_m
     assert result.returncode == 0, result.stderr
     assert "missing (the model keeps its values): 4" in result.stdout
     assert "unexpected (in the file, not read): 6" in result.stdout
-    assert "hint: the missing keys are in the file under the prefix 'encoder.'; try --key-map 'encoder.='" in result.stdout
-    assert "verdict: OK, incomplete: a real load would copy nothing and succeed with 4 missing, 6 unexpected" in result.stdout
+    assert (
+        "hint: the missing keys are in the file under the prefix 'encoder.'; try --key-map 'encoder.='" in result.stdout
+    )
+    assert (
+        "verdict: OK, incomplete: a real load would copy nothing and succeed with 4 missing, 6 unexpected"
+        in result.stdout
+    )
     strict = cli("plan", str(whole_model_ckpt), "--model", "helpers:Encoder", "--key-map", "=", "--strict", "--json")
     assert strict.returncode == 1 and "Strict transfer" in json.loads(strict.stdout)["error"]
 
 
 def test_plan_from_the_lightning_cli_example_config():
-    result = cli("plan", str(ASSET), "--config", "examples/cli/config.yaml", "--model",
-                 "examples/tiny_model.py:KeywordClassifier")
+    result = cli(
+        "plan",
+        str(ASSET),
+        "--config",
+        "examples/cli/config.yaml",
+        "--model",
+        "examples/tiny_model.py:KeywordClassifier",
+    )
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "model       examples/tiny_model.py:KeywordClassifier(num_classes=4, lr=0.05), built on the meta device" in out
+    assert (
+        "model       examples/tiny_model.py:KeywordClassifier(num_classes=4, lr=0.05), built on the meta device" in out
+    )
     assert "loads into  encoder (Encoder): 4 tensors" in out
     assert "options     key_map={'encoder.': ''}" in out  # the callback's transfer_options for 'encoder'
     assert "verdict: OK: a real load would copy 4 tensors (20.5 KiB)" in out

@@ -11,13 +11,13 @@ from __future__ import annotations
 import os
 
 import pytest
-
 import rank_jobs
 from dist import assert_all_ok, can_unshare, run_ranks
 from helpers import ckpt_bytes, digest, module
+from servers import Fault
+
 from pl_pretrain import LocalStrategy, Pretrainer
 from pl_pretrain.errors import ConfigurationError
-from servers import Fault
 
 needs_root = pytest.mark.skipif(not can_unshare(), reason="simulated nodes need root for mount namespaces")
 
@@ -69,7 +69,9 @@ def _matrix(sources, tmp_path, kinds, strategies, collect_in_set=(True, False), 
         for strategy in strategies:
             for with_folder in collect_in_set:
                 for already in present:
-                    name = f"{kind}-{strategy.name}-{'dir' if with_folder else 'none'}-{'present' if already else 'fresh'}"
+                    name = (
+                        f"{kind}-{strategy.name}-{'dir' if with_folder else 'none'}-{'present' if already else 'fresh'}"
+                    )
                     source, expected = sources.publish(kind, name)
                     collect_in = str(tmp_path / "collect" / name) if with_folder else None
                     cell = {"collect_in": collect_in, "source": source, "strategy": strategy.name}
@@ -108,7 +110,10 @@ def test_matrix_two_ranks(sources, tmp_path, http_server, hub):
 
 def test_matrix_four_ranks(sources, tmp_path, http_server, hub):
     cells, meta = _matrix(
-        sources, tmp_path, ["local", "url", "hub"], [LocalStrategy.SYMLINK, LocalStrategy.COPY_SKIP_CACHE, LocalStrategy.NO_LINK],
+        sources,
+        tmp_path,
+        ["local", "url", "hub"],
+        [LocalStrategy.SYMLINK, LocalStrategy.COPY_SKIP_CACHE, LocalStrategy.NO_LINK],
         present=(False,),
     )
     results = run_ranks(rank_jobs.collect_cells, 4, args=(cells,), timeout=240)
@@ -117,7 +122,9 @@ def test_matrix_four_ranks(sources, tmp_path, http_server, hub):
 
 @pytest.mark.parametrize("late_rank", [0, 1])
 def test_a_rank_arriving_late(sources, tmp_path, http_server, hub, late_rank):
-    cells, meta = _matrix(sources, tmp_path, ["local", "url", "hub"], [LocalStrategy.COPY], collect_in_set=(True,), present=(False,))
+    cells, meta = _matrix(
+        sources, tmp_path, ["local", "url", "hub"], [LocalStrategy.COPY], collect_in_set=(True,), present=(False,)
+    )
     for cell in cells:
         cell.update(late_rank=late_rank, delay=3.0)
     results = run_ranks(rank_jobs.collect_cells, 2, args=(cells,), timeout=240)
@@ -224,7 +231,10 @@ def test_per_node_false_on_unshared_folders_fails_everywhere_with_a_hint(sources
     source, _ = sources.publish("url", "unshared")
     node_root = tmp_path / "node_local"
     cell = {"collect_in": str(node_root / "collect"), "source": source, "per_node": False}
-    outcomes = [r[0] for r in assert_all_ok(run_ranks(rank_jobs.collect_cells, 4, args=([cell],), nodes=2, private=[str(node_root)]))]
+    outcomes = [
+        r[0]
+        for r in assert_all_ok(run_ranks(rank_jobs.collect_cells, 4, args=([cell],), nodes=2, private=[str(node_root)]))
+    ]
     assert {o["error"] for o in outcomes} == {"PretrainerError"}
     assert len({o["text"] for o in outcomes}) == 1
     assert "Rank 2 cannot read the files that rank 0 collected" in outcomes[0]["text"]
@@ -258,8 +268,12 @@ def test_no_race_eight_ranks_twenty_repetitions(sources, tmp_path, http_server, 
     source, expected = sources.publish("local", "race")
     cells = [
         {"collect_in": str(tmp_path / "race-symlink"), "source": source, "strategy": "SYMLINK"},
-        {"collect_in": str(tmp_path / "race-copy"), "source": source, "strategy": "COPY",
-         "fetch_config": {"overwrite": True}},
+        {
+            "collect_in": str(tmp_path / "race-copy"),
+            "source": source,
+            "strategy": "COPY",
+            "fetch_config": {"overwrite": True},
+        },
     ]
     results = run_ranks(rank_jobs.collect_repeatedly, 8, args=(cells, 20), timeout=400)
     outcomes = assert_all_ok(results)

@@ -58,8 +58,11 @@ def test_the_slurm_script_parses_and_asks_for_two_nodes_with_one_task_per_gpu():
     words = srun_command(text)
     script = next(word for word in words if word.endswith(".py"))
     assert (REPO / script).is_file()
-    for flag, value in [("--num-nodes", "$SLURM_NNODES"), ("--devices", "$SLURM_NTASKS_PER_NODE"),
-                        ("--accelerator", "$ACCELERATOR")]:
+    for flag, value in [
+        ("--num-nodes", "$SLURM_NNODES"),
+        ("--devices", "$SLURM_NTASKS_PER_NODE"),
+        ("--accelerator", "$ACCELERATOR"),
+    ]:
         assert words[words.index(flag) + 1] == value
     assert "pl-pretrain fetch" in text and "collect_per_node" in text  # the header explains both
 
@@ -89,18 +92,32 @@ def test_the_slurm_script_runs_its_training_command_on_one_cpu_node_with_two_tas
     (shims / "srun").chmod(0o755)
     run_dir = tmp_path / "run"
     job = {  # what sbatch sets for a one-node job with two tasks (srun adds each task's rank)
-        "SLURM_SUBMIT_DIR": str(REPO), "SLURM_JOB_NAME": "pl-pretrain-finetune",
-        "SLURM_JOB_ID": str(random.randint(10_000, 99_999)), "SLURM_NNODES": "1", "SLURM_NTASKS_PER_NODE": "2",
-        "SLURM_NTASKS": "2", "SLURM_NODEID": "0", "SLURM_NODELIST": "127.0.0.1",
+        "SLURM_SUBMIT_DIR": str(REPO),
+        "SLURM_JOB_NAME": "pl-pretrain-finetune",
+        "SLURM_JOB_ID": str(random.randint(10_000, 99_999)),
+        "SLURM_NNODES": "1",
+        "SLURM_NTASKS_PER_NODE": "2",
+        "SLURM_NTASKS": "2",
+        "SLURM_NODEID": "0",
+        "SLURM_NODELIST": "127.0.0.1",
     }
-    env = {**os.environ, **job, "PATH": f"{shims}{os.pathsep}{os.environ['PATH']}", "PYTHON": sys.executable,
-           "ACCELERATOR": "cpu", "RUN_DIR": str(run_dir)}
+    env = {
+        **os.environ,
+        **job,
+        "PATH": f"{shims}{os.pathsep}{os.environ['PATH']}",
+        "PYTHON": sys.executable,
+        "ACCELERATOR": "cpu",
+        "RUN_DIR": str(run_dir),
+    }
     env.pop("MASTER_PORT", None)
-    result = subprocess.run(["bash", str(SBATCH), "--max-epochs", "1"], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=240)
+    result = subprocess.run(
+        ["bash", str(SBATCH), "--max-epochs", "1"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"srun {sys.executable} examples/finetune.py --accelerator cpu --num-nodes 1 --devices 2 --out {run_dir} " \
-           "--max-epochs 1" in result.stderr
+    assert (
+        f"srun {sys.executable} examples/finetune.py --accelerator cpu --num-nodes 1 --devices 2 --out {run_dir} "
+        "--max-epochs 1" in result.stderr
+    )
     # Lightning took both ranks from SLURM's variables (it starts no process of its own under SLURM).
     assert "GLOBAL_RANK: 0, MEMBER: 1/2" in result.stderr and "GLOBAL_RANK: 1, MEMBER: 2/2" in result.stderr
     summary = json.loads((run_dir / "result.json").read_text())
@@ -112,10 +129,23 @@ def test_the_hub_example_loads_the_encoder_from_a_repo_id_at_a_revision(tmp_path
     commit = hub.add_file("pl-pretrain/tiny-kws", "pretrained.ckpt", ASSET.read_bytes(), revision="v1")
     out = tmp_path / "run"
     result = subprocess.run(
-        [sys.executable, str(REPO / "examples" / "hub_finetune.py"), "--revision", "v1", "--devices", "1",
-         "--max-epochs", "1", "--out", str(out)],
+        [
+            sys.executable,
+            str(REPO / "examples" / "hub_finetune.py"),
+            "--revision",
+            "v1",
+            "--devices",
+            "1",
+            "--max-epochs",
+            "1",
+            "--out",
+            str(out),
+        ],
         env=dict(os.environ),  # HF_ENDPOINT (the loopback Hub) and this test's HF_HUB_CACHE
-        cwd=REPO, capture_output=True, text=True, timeout=240,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert hub.count("GET", "/pl-pretrain/tiny-kws/resolve/v1/pretrained.ckpt") == 1
@@ -123,4 +153,6 @@ def test_the_hub_example_loads_the_encoder_from_a_repo_id_at_a_revision(tmp_path
     assert summary["location"] == f"hub:pl-pretrain/tiny-kws@{commit}/pretrained.ckpt"
     assert summary["revision"] == "v1" and summary["commit"] == commit and summary["sha256"] == ASSET_SHA256
     assert summary["loaded"] == 4
-    assert pathlib.Path(os.path.realpath(out / "pretrained" / "encoder.ckpt")).is_relative_to(os.environ["HF_HUB_CACHE"])
+    assert pathlib.Path(os.path.realpath(out / "pretrained" / "encoder.ckpt")).is_relative_to(
+        os.environ["HF_HUB_CACHE"]
+    )

@@ -23,15 +23,14 @@ import traceback
 import warnings
 
 import pytest
-
 import rank_jobs
 from dist import assert_all_ok, run_ranks
 from helpers import ckpt_bytes, digest, module
-from pl_pretrain import FetchConfig, LocalStrategy, Pretrainer, PretrainerError, fetch
-from pl_pretrain import fetching
+from servers import Fault
+
+from pl_pretrain import FetchConfig, LocalStrategy, Pretrainer, PretrainerError, fetch, fetching
 from pl_pretrain.errors import ChecksumError, ConfigurationError, FetchError, OfflineError
 from pl_pretrain.fetching import RECORD_DIR
-from servers import Fault
 
 # Short backoff keeps the retry tests fast; the counts, not the delays, are what is asserted.
 FAST = {"retries": 2, "backoff": 0.01, "timeout": 5.0}
@@ -152,8 +151,15 @@ def test_url_that_stalls_times_out_after_the_retries(tmp_path, http_server, weig
     # headers at once, then one second of silence before the body: longer than the timeout
     http_server.fail("enc.ckpt", Fault("slow", times=-1, delay=1.0, chunk=len(data)))
     collect_fails(
-        tmp_path / "c", url, FetchError, "failed 2 times", "timed out", "FetchConfig(timeout=...)",
-        source=f"{http_server.url}/m", retries=1, timeout=0.2,
+        tmp_path / "c",
+        url,
+        FetchError,
+        "failed 2 times",
+        "timed out",
+        "FetchConfig(timeout=...)",
+        source=f"{http_server.url}/m",
+        retries=1,
+        timeout=0.2,
     )
     assert http_server.arrivals("GET", "enc.ckpt") == 2
 
@@ -200,7 +206,12 @@ def test_hub_failing_every_time_is_reported_after_the_retries(tmp_path, hub, wei
     hub.add_file("org/asr", "enc.ckpt", weights[0])
     hub.fail("enc.ckpt", Fault("status", times=-1, status=502))
     collect_fails(
-        tmp_path / "c", "org/asr/enc.ckpt", FetchError, "failed 3 times", "last cause: HTTP 502", "enc.ckpt",
+        tmp_path / "c",
+        "org/asr/enc.ckpt",
+        FetchError,
+        "failed 3 times",
+        "last cause: HTTP 502",
+        "enc.ckpt",
         source="org/asr",
     )
     assert hub.arrivals("GET", "enc.ckpt") == FAST["retries"] + 1
@@ -227,8 +238,15 @@ def test_hub_etag_mismatch_is_a_checksum_error(tmp_path, hub, weights, strategy)
     claimed = sha(b"the bytes the hub says it has")
     hub.lying_etags["enc.ckpt"] = claimed
     collect_fails(
-        tmp_path / "c", "org/asr/enc.ckpt", ChecksumError, claimed, sha(data), "ETag", "hub:org/asr@",
-        source="org/asr", strategy=strategy,
+        tmp_path / "c",
+        "org/asr/enc.ckpt",
+        ChecksumError,
+        claimed,
+        sha(data),
+        "ETag",
+        "hub:org/asr@",
+        source="org/asr",
+        strategy=strategy,
     )
     blobs = [p for p in pathlib.Path(os.environ["HF_HUB_CACHE"]).rglob("*") if p.is_file() and p.parent.name == "blobs"]
     assert blobs == []  # the bad blob is gone from the cache too: the next fetch downloads again
@@ -265,8 +283,15 @@ def test_pinned_checksum_mismatch_removes_the_bad_file(tmp_path, published, weig
     path, source = published[kind]
     pinned = sha(b"what the user expected")
     collect_fails(
-        tmp_path / "c", path, ChecksumError, f"sha256 {pinned} was expected", f"has sha256 {sha(weights[0])}",
-        "the file was removed", source=source, checksum=f"sha256:{pinned}", strategy=strategy,
+        tmp_path / "c",
+        path,
+        ChecksumError,
+        f"sha256 {pinned} was expected",
+        f"has sha256 {sha(weights[0])}",
+        "the file was removed",
+        source=source,
+        checksum=f"sha256:{pinned}",
+        strategy=strategy,
     )
     if kind == "local":  # the user's own file is never touched
         assert (tmp_path / "src" / "enc.ckpt").read_bytes() == weights[0]
@@ -278,7 +303,9 @@ def test_pinned_checksum_mismatch_removes_the_bad_file(tmp_path, published, weig
 
 def test_collected_file_changed_before_load_is_caught(tmp_path, published, weights):
     path, source = published["url"]
-    pt = Pretrainer(tmp_path / "c", {KEY: module(seed=1)}, paths={KEY: path}, checksums={KEY: f"sha256:{sha(weights[0])}"})
+    pt = Pretrainer(
+        tmp_path / "c", {KEY: module(seed=1)}, paths={KEY: path}, checksums={KEY: f"sha256:{sha(weights[0])}"}
+    )
     pt.collect_files(fetch_config=FetchConfig(**FAST))
     (tmp_path / "c" / FILE).write_bytes(b"rewritten by someone else")
     with pytest.raises(ChecksumError) as info:
@@ -459,12 +486,17 @@ def test_callback_records_no_credentials(tmp_path, http_server, weights):
     callback = PretrainerCallback(
         collect_in=tmp_path / "c",
         loadables={KEY: module(seed=1), "decoder": module(seed=2)},
-        paths={KEY: f"http://alice:s3cr3t-pass@{host}/m/enc.ckpt", "decoder": f"http://{host}/m/enc.ckpt?token=qs-s3cr3t"},
+        paths={
+            KEY: f"http://alice:s3cr3t-pass@{host}/m/enc.ckpt",
+            "decoder": f"http://{host}/m/enc.ckpt?token=qs-s3cr3t",
+        },
         fetch_config=FetchConfig(token="hf_TOPSECRET_token_123", **FAST),
     )
     callback.collect()
     callback.pretrainer.load_collected()
-    text = json.dumps([callback.state_dict(), callback.pretrainer.provenance(), repr(callback.fetch_config)], default=str)
+    text = json.dumps(
+        [callback.state_dict(), callback.pretrainer.provenance(), repr(callback.fetch_config)], default=str
+    )
     assert "s3cr3t" not in text and "hf_TOPSECRET" not in text, text
     assert "***@" in text and "token=***" in text
 
@@ -527,10 +559,19 @@ def test_every_rank_raises_the_same_error(tmp_path, http_server, hub, weights):
         "url-500": ({"source": f"{http_server.url}/m500"}, "FetchError", ["failed 2 times", "HTTP 500"]),
         "url-checksum": (
             {"source": f"{http_server.url}/mok", "checksums": {KEY: "sha256:" + "0" * 64}},
-            "ChecksumError", ["0" * 64, sha(data)],
+            "ChecksumError",
+            ["0" * 64, sha(data)],
         ),
-        "url-offline": ({"source": f"{http_server.url}/mok", "fetch_config": {"allow_network": False}}, "OfflineError", ["offline"]),
-        "hub-401": ({"source": "org/private", "fetch_config": {**fast, "token": "hf_wrong"}}, "FetchError", ["HTTP 401"]),
+        "url-offline": (
+            {"source": f"{http_server.url}/mok", "fetch_config": {"allow_network": False}},
+            "OfflineError",
+            ["offline"],
+        ),
+        "hub-401": (
+            {"source": "org/private", "fetch_config": {**fast, "token": "hf_wrong"}},
+            "FetchError",
+            ["HTTP 401"],
+        ),
         "hub-etag": ({"source": "org/liar"}, "ChecksumError", ["ETag", sha(data)]),
         "bad-scheme": ({"source": "ftp://127.0.0.1/models"}, "ConfigurationError", ["Only http:// and https://"]),
     }

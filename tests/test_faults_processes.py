@@ -17,13 +17,13 @@ import sys
 import time
 
 import pytest
-
 from dist import can_unshare
 from helpers import ckpt_bytes, digest, module
-from pl_pretrain import FetchConfig, LocalStrategy, Pretrainer
-from pl_pretrain.fetching import RECORD_DIR
 from servers import Fault
 from test_faults import assert_nothing_trusted
+
+from pl_pretrain import FetchConfig, LocalStrategy, Pretrainer
+from pl_pretrain.fetching import RECORD_DIR
 
 SCRIPTS = pathlib.Path(__file__).parent / "scripts"
 FAST = {"retries": 1, "backoff": 0.01, "timeout": 10.0}
@@ -72,7 +72,9 @@ def test_killed_mid_download_leaves_nothing_trusted_and_the_rerun_loads(tmp_path
     spec.write_text(json.dumps([{"path": path, "collect_in": str(collect_in), "strategy": strategy, "seed": 1}]))
     child = subprocess.Popen(
         [sys.executable, str(SCRIPTS / "fault_child.py"), str(spec), str(out)],
-        env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=child_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
         deadline = time.monotonic() + 60
@@ -138,11 +140,21 @@ def test_two_torchrun_jobs_collect_into_one_folder(tmp_path, http_server, hub):
     out.mkdir()
     jobs = {}
     for tag in ("job-a", "job-b"):
-        log = open(tmp_path / f"{tag}.log", "w")
+        log = open(tmp_path / f"{tag}.log", "w")  # noqa: SIM115 (closed once the job ends, below)
         command = [
-            "timeout", "-k", "5", "150",
-            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            str(SCRIPTS / "torchrun_collect.py"), str(spec), str(out), tag,
+            "timeout",
+            "-k",
+            "5",
+            "150",
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(SCRIPTS / "torchrun_collect.py"),
+            str(spec),
+            str(out),
+            tag,
         ]
         jobs[tag] = (subprocess.Popen(command, env=child_env(), stdout=log, stderr=subprocess.STDOUT), log)
     for tag, (proc, log) in jobs.items():
@@ -199,7 +211,7 @@ def test_disk_full_is_a_clear_error_and_leaves_no_partial_file(tmp_path, http_se
     cases.append({"key": "small", "path": small_url, "strategy": "COPY", "collect_in": str(disk), "seed": 1})
     mount = 'mount --make-rprivate / && mount -t tmpfs -o size=64k tmpfs "$1" && shift && exec "$@"'
     outcomes = run_child(tmp_path, cases, prefix=["unshare", "-m", "sh", "-c", mount, "sh", str(disk)])
-    for outcome, (key, (_, _, source)) in zip(outcomes, failing.items()):
+    for outcome, (key, (_, _, source)) in zip(outcomes, failing.items(), strict=False):
         assert outcome["error"] == "FetchError" and outcome["value_error"], outcome
         assert outcome["error_key"] == key and outcome["source"] == source, outcome
         text = outcome["text"]
@@ -237,7 +249,7 @@ def test_hf_hub_offline_uses_what_is_there_and_touches_no_network(tmp_path, http
     outcomes = run_child(tmp_path, cases, env=child_env(HF_HUB_OFFLINE="1"))
     for outcome in outcomes[:3]:
         assert outcome["error"] is None and outcome["digest"] == expected, outcome
-    for outcome, source in zip(outcomes[3:], [f"{http_server.url}/m", "org/asr"]):
+    for outcome, source in zip(outcomes[3:], [f"{http_server.url}/m", "org/asr"], strict=False):
         assert outcome["error"] == "OfflineError" and outcome["value_error"], outcome
         text = outcome["text"]
         assert "loadable 'encoder'" in text and f"source '{source}'" in text, text

@@ -13,12 +13,12 @@ import threading
 import time
 
 import pytest
-
 from helpers import ckpt_bytes, module
+from servers import Fault
+
 from pl_pretrain import FetchConfig, FetchFrom, FetchSource, LocalStrategy, PretrainerError, fetch, guess_source
 from pl_pretrain.errors import ConfigurationError, FetchError, OfflineError
 from pl_pretrain.fetching import RECORD_DIR, fetch_file
-from servers import Fault
 
 ALL = list(LocalStrategy)
 
@@ -388,8 +388,13 @@ def test_hub_offline_uses_the_cache(hub, tmp_path, strategy):
     hub.add_file("org/asr", "enc.ckpt", b"cached-bytes")
     fetch("enc.ckpt", "org/asr", tmp_path / "first", local_strategy=strategy)
     hub.reset_log()
-    path = fetch("enc.ckpt", "org/asr", tmp_path / "second", local_strategy=strategy,
-                 fetch_config=FetchConfig(allow_network=False))
+    path = fetch(
+        "enc.ckpt",
+        "org/asr",
+        tmp_path / "second",
+        local_strategy=strategy,
+        fetch_config=FetchConfig(allow_network=False),
+    )
     assert path.read_bytes() == b"cached-bytes"
     assert hub.requests == []
 

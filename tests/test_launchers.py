@@ -15,7 +15,6 @@ import subprocess
 import sys
 
 import pytest
-
 from dist import can_unshare
 from helpers import ckpt_bytes, digest
 from lightning_models import encoder
@@ -27,7 +26,9 @@ SEED = 11
 needs_root = pytest.mark.skipif(not can_unshare(), reason="simulated nodes need root for mount namespaces")
 
 
-def _run(cmd: list[str], env: dict[str, str], timeout: float = 240, cwd: pathlib.Path = REPO) -> subprocess.CompletedProcess:
+def _run(
+    cmd: list[str], env: dict[str, str], timeout: float = 240, cwd: pathlib.Path = REPO
+) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **env}
     return subprocess.run(cmd, env=full_env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
@@ -50,8 +51,20 @@ def test_lightning_ddp_subprocess(tmp_path, http_server, published):
     source, expected = published
     records = tmp_path / "records"
     result = _run(
-        [sys.executable, str(JOB), "--source", source, "--collect-in", str(tmp_path / "c"), "--strategy", "ddp",
-         "--devices", "2", "--late-model", "--test-after-fit"],
+        [
+            sys.executable,
+            str(JOB),
+            "--source",
+            source,
+            "--collect-in",
+            str(tmp_path / "c"),
+            "--strategy",
+            "ddp",
+            "--devices",
+            "2",
+            "--late-model",
+            "--test-after-fit",
+        ],
         {"PL_PRETRAIN_RECORD_DIR": str(records)},
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -67,8 +80,18 @@ def test_lightning_ddp_subprocess(tmp_path, http_server, published):
 def test_lightning_ddp_fetch_error_reaches_every_rank(tmp_path, http_server):
     records = tmp_path / "records"
     result = _run(
-        [sys.executable, str(JOB), "--source", f"{http_server.url}/missing", "--collect-in", str(tmp_path / "c"),
-         "--strategy", "ddp", "--devices", "2"],
+        [
+            sys.executable,
+            str(JOB),
+            "--source",
+            f"{http_server.url}/missing",
+            "--collect-in",
+            str(tmp_path / "c"),
+            "--strategy",
+            "ddp",
+            "--devices",
+            "2",
+        ],
         {"PL_PRETRAIN_RECORD_DIR": str(records)},
         timeout=120,
     )
@@ -84,8 +107,18 @@ def test_lightning_under_torchrun(tmp_path, hub):
     hub.add_file("org/asr", "encoder.ckpt", ckpt_bytes(encoder(seed=SEED)))
     records = tmp_path / "records"
     result = _run(
-        _torchrun("--nproc_per_node=2", str(JOB), "--source", "org/asr", "--collect-in", str(tmp_path / "c"),
-                  "--strategy", "ddp", "--devices", "2"),
+        _torchrun(
+            "--nproc_per_node=2",
+            str(JOB),
+            "--source",
+            "org/asr",
+            "--collect-in",
+            str(tmp_path / "c"),
+            "--strategy",
+            "ddp",
+            "--devices",
+            "2",
+        ),
         {"PL_PRETRAIN_RECORD_DIR": str(records)},
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -98,8 +131,18 @@ def test_plain_torchrun_example(tmp_path, http_server):
     url = http_server.add("assets/pretrained.ckpt", asset)
     records = tmp_path / "records"
     result = _run(
-        _torchrun("--nproc_per_node=2", str(REPO / "examples" / "torchrun_finetune.py"), "--source", url,
-                  "--collect-in", str(tmp_path / "c"), "--record", str(records), "--steps", "4"),
+        _torchrun(
+            "--nproc_per_node=2",
+            str(REPO / "examples" / "torchrun_finetune.py"),
+            "--source",
+            url,
+            "--collect-in",
+            str(tmp_path / "c"),
+            "--record",
+            str(records),
+            "--steps",
+            "4",
+        ),
         {},
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -134,14 +177,22 @@ def test_two_lightning_nodes_that_do_not_share_a_folder(tmp_path, http_server, p
     procs = [
         subprocess.Popen(
             ["unshare", "-m", "sh", "-c", script],
-            env={**os.environ, "PL_PRETRAIN_RECORD_DIR": str(records), "MASTER_ADDR": "127.0.0.1",
-                 "MASTER_PORT": str(port), "NODE_RANK": str(node)},
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={
+                **os.environ,
+                "PL_PRETRAIN_RECORD_DIR": str(records),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "NODE_RANK": str(node),
+            },
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for node in (0, 1)
     ]
     outputs = [p.communicate(timeout=240) for p in procs]
-    for p, (_, err) in zip(procs, outputs):
+    for p, (_, err) in zip(procs, outputs, strict=False):
         assert p.returncode == 0, err[-3000:]
     starts = _records(records, "job", "train_start", 2)
     assert [s["encoder"] for s in starts] == [expected, expected]
@@ -161,9 +212,19 @@ def test_main_job_example(tmp_path):
 
 def test_lightning_cli_yaml_example(tmp_path):
     result = _run(
-        [sys.executable, str(REPO / "examples" / "cli" / "train.py"), "fit", "--config", str(REPO / "examples" / "cli" / "config.yaml"),
-         "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(tmp_path / "cli"),
-         "--trainer.callbacks.init_args.collect_in", str(tmp_path / "cli" / "pretrained")],
+        [
+            sys.executable,
+            str(REPO / "examples" / "cli" / "train.py"),
+            "fit",
+            "--config",
+            str(REPO / "examples" / "cli" / "config.yaml"),
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.default_root_dir",
+            str(tmp_path / "cli"),
+            "--trainer.callbacks.init_args.collect_in",
+            str(tmp_path / "cli" / "pretrained"),
+        ],
         {},
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -10,8 +10,8 @@ import pathlib
 
 import pytest
 import torch
-
 from helpers import ckpt_bytes, module, same, save
+
 from pl_pretrain import (
     DEFAULT_LOAD_HOOKS,
     DEFAULT_TRANSFER_HOOKS,
@@ -119,7 +119,9 @@ def test_conditions_skip_fetch_and_load(tmp_path, http_server):
 def test_custom_hook_comes_first(tmp_path):
     save(module(1), tmp_path / "src" / "encoder.ckpt")
     seen = []
-    pt = Pretrainer(tmp_path / "c", {"encoder": module(2)}, custom_hooks={"encoder": lambda obj, path: seen.append((obj, path))})
+    pt = Pretrainer(
+        tmp_path / "c", {"encoder": module(2)}, custom_hooks={"encoder": lambda obj, path: seen.append((obj, path))}
+    )
     pt.collect_files(default_source=tmp_path / "src")
     assert pt.load_collected() == {"encoder": None}
     assert seen == [(pt.loadables["encoder"], pt.loadable_paths["encoder"])]
@@ -226,7 +228,10 @@ def test_failing_hook_names_key_and_file(tmp_path):
         ("/abs/dir/lm.ckpt", ("/abs/dir", "lm.ckpt")),
         ("https://host.org/models/asr/lm.ckpt", ("https://host.org/models/asr", "lm.ckpt")),
         (pathlib.Path("rel/dir/enc.pt"), ("rel/dir", "enc.pt")),
-        (FetchSource(FetchFrom.HUGGING_FACE, "org/repo/enc.ckpt"), (FetchSource(FetchFrom.HUGGING_FACE, "org/repo"), "enc.ckpt")),
+        (
+            FetchSource(FetchFrom.HUGGING_FACE, "org/repo/enc.ckpt"),
+            (FetchSource(FetchFrom.HUGGING_FACE, "org/repo"), "enc.ckpt"),
+        ),
     ],
 )
 def test_split_path(path, expected):
@@ -299,7 +304,9 @@ def test_add_methods_accumulate(tmp_path):
 
 def test_unknown_keys_in_paths_are_a_clear_error(tmp_path):
     pt = Pretrainer(tmp_path / "c", {"encoder": module(1)}, paths={"encodr": "org/m/enc.ckpt"})
-    with pytest.raises(ConfigurationError, match="paths names 'encodr', which is not among the loadables \\(encoder\\)"):
+    with pytest.raises(
+        ConfigurationError, match="paths names 'encodr', which is not among the loadables \\(encoder\\)"
+    ):
         pt.collect_files(default_source="org/m")
 
 

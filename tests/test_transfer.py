@@ -15,9 +15,9 @@ import zipfile
 
 import pytest
 import torch
+from helpers import Encoder, same
 from safetensors.torch import save_file
 
-from helpers import Encoder, same
 from pl_pretrain import LocalStrategy, Pretrainer, TransferOptions, TransferReport, torch_parameter_transfer
 from pl_pretrain.errors import ConfigurationError, TransferError, UnsafeCheckpointError
 from pl_pretrain.transfer import format_reports, read_state_dict
@@ -160,9 +160,11 @@ def test_a_lightning_checkpoint_loads_the_attribute_into_its_module(tmp_path):
 def test_a_wrapper_prefix_is_detected_and_reported(tmp_path, prefix):
     # DDP saves under "module.", torch.compile under "_orig_mod.", a training dict as {"model": ...}.
     source, target = Encoder(seed=1), Encoder(seed=2)
-    state = {"model": source.state_dict(), "step": 7} if prefix == "model." else {
-        prefix + k: v for k, v in source.state_dict().items()
-    }
+    state = (
+        {"model": source.state_dict(), "step": 7}
+        if prefix == "model."
+        else {prefix + k: v for k, v in source.state_dict().items()}
+    )
     report = torch_parameter_transfer(target, write(tmp_path / "x.ckpt", state))
     assert same(source, target)
     assert report.prefix == prefix and report.complete
@@ -248,7 +250,9 @@ def test_an_index_that_does_not_match_its_shards_is_an_error(tmp_path):
 def test_include_loads_only_the_matching_keys(tmp_path):
     source, target = Model(seed=1), Model(seed=2)
     before = copy_of(target)
-    report = torch_parameter_transfer(target, write(tmp_path / "m.ckpt", source.state_dict()), TransferOptions(include="encoder.*"))
+    report = torch_parameter_transfer(
+        target, write(tmp_path / "m.ckpt", source.state_dict()), TransferOptions(include="encoder.*")
+    )
     assert same(source.encoder, target.encoder)
     assert torch.equal(target.classifier.weight, before["classifier.weight"])
     assert report.complete and sorted(report.excluded) == ["classifier.bias", "classifier.weight"]
@@ -258,7 +262,9 @@ def test_exclude_keeps_a_new_classifier_head_quietly(tmp_path, caplog):
     source, target = Model(seed=1, classes=10), Model(seed=2, classes=3)
     before = copy_of(target)
     with caplog.at_level(logging.WARNING):
-        report = load(tmp_path, target, write(tmp_path / "src" / "m.ckpt", source.state_dict()), {"exclude": ["classifier.*"]})
+        report = load(
+            tmp_path, target, write(tmp_path / "src" / "m.ckpt", source.state_dict()), {"exclude": ["classifier.*"]}
+        )
     assert same(source.encoder, target.encoder)
     assert torch.equal(target.classifier.weight, before["classifier.weight"])
     assert report.complete and not report.mismatched and not caplog.records
@@ -274,7 +280,9 @@ def test_a_prefix_map_loads_a_submodule_of_the_file_espnet_style(tmp_path):
 
     # And the other way round: a bare encoder's file into the encoder of a whole model.
     whole = Model(seed=3)
-    report = torch_parameter_transfer(whole, write(tmp_path / "e.ckpt", source.encoder.state_dict()), {"key_map": {"": "encoder."}})
+    report = torch_parameter_transfer(
+        whole, write(tmp_path / "e.ckpt", source.encoder.state_dict()), {"key_map": {"": "encoder."}}
+    )
     assert same(source.encoder, whole.encoder)
     assert sorted(report.missing) == ["classifier.bias", "classifier.weight"]
 
@@ -282,7 +290,9 @@ def test_a_prefix_map_loads_a_submodule_of_the_file_espnet_style(tmp_path):
 def test_the_longest_prefix_wins_and_an_empty_prefix_keeps_the_rest(tmp_path):
     source, target = Model(seed=1), Model(seed=2)
     state = {k.replace("encoder.", "enc."): v for k, v in source.state_dict().items()}
-    report = torch_parameter_transfer(target, write(tmp_path / "m.ckpt", state), {"key_map": {"enc.": "encoder.", "": ""}})
+    report = torch_parameter_transfer(
+        target, write(tmp_path / "m.ckpt", state), {"key_map": {"enc.": "encoder.", "": ""}}
+    )
     assert same(source, target) and report.complete
 
 
@@ -324,7 +334,9 @@ def test_a_shape_mismatch_is_an_error_naming_both_shapes_and_nothing_is_loaded(t
         load(tmp_path, target, write(tmp_path / "src" / "m.ckpt", source.state_dict()))
     text = str(caught.value)
     assert "loadable 'encoder'" in text
-    assert "classifier.weight: file [10, 8] vs model [3, 8]" in text and "classifier.bias: file [10] vs model [3]" in text
+    assert (
+        "classifier.weight: file [10, 8] vs model [3, 8]" in text and "classifier.bias: file [10] vs model [3]" in text
+    )
     assert "exclude=" in text and "on_mismatch='skip'" in text
     assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
 
@@ -332,7 +344,9 @@ def test_a_shape_mismatch_is_an_error_naming_both_shapes_and_nothing_is_loaded(t
 def test_skip_keeps_the_target_values_and_reports_both_shapes(tmp_path):
     source, target = Model(seed=1, classes=10), Model(seed=2, classes=3)
     before = copy_of(target)
-    report = torch_parameter_transfer(target, write(tmp_path / "m.ckpt", source.state_dict()), TransferOptions(on_mismatch="skip"))
+    report = torch_parameter_transfer(
+        target, write(tmp_path / "m.ckpt", source.state_dict()), TransferOptions(on_mismatch="skip")
+    )
     assert same(source.encoder, target.encoder)
     assert torch.equal(target.classifier.weight, before["classifier.weight"])
     assert report.mismatched == {"classifier.weight": ((10, 8), (3, 8)), "classifier.bias": ((10,), (3,))}
@@ -510,7 +524,13 @@ def test_tied_weights_stored_under_one_name_fill_both(tmp_path):
 
 def test_options_come_from_plain_yaml_data_and_bad_values_say_what_to_change():
     options = TransferOptions(
-        **{"include": ["encoder.*"], "exclude": "encoder.norm.*", "key_map": {"model.": ""}, "dtype": "torch.float16", "device": "cpu"}
+        **{
+            "include": ["encoder.*"],
+            "exclude": "encoder.norm.*",
+            "key_map": {"model.": ""},
+            "dtype": "torch.float16",
+            "device": "cpu",
+        }
     )
     assert options.include == ("encoder.*",) and options.exclude == ("encoder.norm.*",)
     assert options.dtype is torch.float16 and options.device == torch.device("cpu")
@@ -524,7 +544,10 @@ def test_options_come_from_plain_yaml_data_and_bad_values_say_what_to_change():
     with pytest.raises(ConfigurationError, match="unknown field"):
         Pretrainer(loadables={"e": Encoder()}, transfer_options={"e": {"stict": True}})
     assert TransferOptions.coerce({"strict": True}).strict and TransferOptions.coerce(None) == TransferOptions()
-    with pytest.raises(ConfigurationError, match=r"\[loadable 'e'\] transfer_options\['e'\] has an unknown field.*Known fields: include"):
+    with pytest.raises(
+        ConfigurationError,
+        match=r"\[loadable 'e'\] transfer_options\['e'\] has an unknown field.*Known fields: include",
+    ):
         TransferOptions.coerce({"stict": True}, key="e")
     with pytest.raises(TypeError):
         TransferOptions(True)  # keywords only: a positional True means nothing to a reader
@@ -547,7 +570,9 @@ def test_the_report_and_its_table_say_what_happened_once(tmp_path):
         tmp_path / "c",
         {"model": target, "encoder": Encoder(seed=4)},
         {"model": str(path), "encoder": str(write(tmp_path / "src" / "e.ckpt", Encoder(seed=3).state_dict()))},
-        transfer_options={"model": TransferOptions(key_map={"model.": ""}, on_mismatch="skip", exclude=["encoder.norm.*"])},
+        transfer_options={
+            "model": TransferOptions(key_map={"model.": ""}, on_mismatch="skip", exclude=["encoder.norm.*"])
+        },
     )
     pt.collect_files()
     reports = pt.load_collected()
@@ -565,7 +590,17 @@ def test_the_report_and_its_table_say_what_happened_once(tmp_path):
 
     table = format_reports({**reports, "tokenizer": None})
     lines = table.splitlines()
-    assert lines[0].split() == ["loadable", "format", "loaded", "missing", "unexpected", "mismatched", "excluded", "size", "source"]
+    assert lines[0].split() == [
+        "loadable",
+        "format",
+        "loaded",
+        "missing",
+        "unexpected",
+        "mismatched",
+        "excluded",
+        "size",
+        "source",
+    ]
     assert lines[1].split()[:8] == ["model", "torch", "2", "0", "13", "2", "2", "288"]
     assert lines[2].split()[:3] == ["encoder", "torch", "4"]
     assert "tokenizer" not in table

@@ -1,6 +1,6 @@
 """LightningCLI entry point for the YAML example.
 
-    python examples/cli/train.py fit --config examples/cli/config.yaml
+python examples/cli/train.py fit --config examples/cli/config.yaml
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import lightning as L  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
-
 from tiny_model import KeywordClassifier, keywords, loader  # noqa: E402
 
 

@@ -19,6 +19,7 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from helpers import digest, module  # noqa: E402
+
 from pl_pretrain import FetchConfig, LocalStrategy, Pretrainer, PretrainerError  # noqa: E402
 
 
@@ -34,7 +35,10 @@ def run_case(case: dict) -> dict:
     obj = module(seed=case.get("seed", 12345))
     collect_in = pathlib.Path(case["collect_in"]) if case.get("collect_in") else None
     pretrainer = Pretrainer(
-        collect_in, {key: obj}, paths={key: case["path"]}, checksums={key: case["checksum"]} if case.get("checksum") else None
+        collect_in,
+        {key: obj},
+        paths={key: case["path"]},
+        checksums={key: case["checksum"]} if case.get("checksum") else None,
     )
     outcome: dict = {"key": key, "error": None}
     try:

@@ -15,8 +15,8 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import lightning as L  # noqa: E402
-
 from lightning_models import LateModel, Model  # noqa: E402
+
 from pl_pretrain import PretrainerCallback, PretrainerError  # noqa: E402
 
 
@@ -33,11 +33,20 @@ def main() -> None:
     args = parser.parse_args()
 
     model = (LateModel if args.late_model else Model)(tag=args.tag)
-    callback = PretrainerCallback(collect_in=args.collect_in, loadables={"encoder": "encoder"}, default_source=args.source)
+    callback = PretrainerCallback(
+        collect_in=args.collect_in, loadables={"encoder": "encoder"}, default_source=args.source
+    )
     trainer = L.Trainer(
-        accelerator="cpu", strategy=args.strategy, devices=args.devices, num_nodes=args.num_nodes, max_steps=2,
+        accelerator="cpu",
+        strategy=args.strategy,
+        devices=args.devices,
+        num_nodes=args.num_nodes,
+        max_steps=2,
         callbacks=[callback],
-        logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
         default_root_dir=os.environ.get("PL_PRETRAIN_RECORD_DIR", "."),
     )
     try:

@@ -19,8 +19,8 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import torch.distributed as dist  # noqa: E402
-
 from helpers import digest, module  # noqa: E402
+
 from pl_pretrain import FetchConfig, LocalStrategy, Pretrainer, PretrainerError  # noqa: E402
 
 
