@@ -242,6 +242,18 @@ class Pretrainer:
         self.loadable_paths = {key: fetched.path for key, fetched in collected.items()}
         return dict(self.loadable_paths)
 
+    def source_of(self, key: str, default_source: Source | None = None) -> tuple[Source, str] | None:
+        """Returns (source, filename) that `key` is fetched from, or None when it has no path and no default.
+
+        A path in `paths` wins; otherwise the key is ``<default_source>/<key>.ckpt``. This is the one
+        place that decides it: the fetch, the callback's checkpoint state and the CLI all ask here.
+        """
+        if key in self.paths:
+            return self.split_path(self.paths[key])
+        if default_source is not None:
+            return default_source, key + PARAMFILE_EXT
+        return None
+
     def _fetch_all(
         self, default_source: Source | None, strategy: LocalStrategy, config: FetchConfig
     ) -> dict[str, Fetched]:
@@ -250,16 +262,14 @@ class Pretrainer:
         for key in self.loadables:
             if not self.is_loadable(key):
                 continue
-            if key in self.paths:
-                requests[key] = self.split_path(self.paths[key])
-            elif default_source is not None:
-                requests[key] = (default_source, key + PARAMFILE_EXT)
-            else:
+            where = self.source_of(key, default_source)
+            if where is None:
                 raise ConfigurationError(
                     f"No path for '{key}' and no default_source.",
                     key=key,
                     hint=f"Add paths={{'{key}': '<source>/<file>'}}, or pass collect_files(default_source=...).",
                 )
+            requests[key] = where
         return {
             key: self._fetch_one(key, source, filename, strategy, config)
             for key, (source, filename) in requests.items()

@@ -1,0 +1,76 @@
+"""Environment variables and defaults: every knob pl_pretrain reads, read in this one place.
+
+Environment variables are read when asked for (not at import), so that a test or a launcher that
+sets them after ``import pl_pretrain`` is still heard.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import pathlib
+
+from pl_pretrain.errors import ConfigurationError
+
+__all__ = [
+    "DEFAULT_COLLECT_IN",
+    "RECORD_DIR",
+    "PARAMFILE_EXT",
+    "DEFAULT_COLLECT_TIMEOUT",
+    "ENV_CACHE",
+    "ENV_COLLECT_TIMEOUT",
+    "cache_root",
+    "collect_timeout",
+]
+
+DEFAULT_COLLECT_IN = "./model_checkpoints"
+"""The seed's default collection folder (SpeechBrain 1.1 uses ``None``; see docs/migration.md)."""
+
+RECORD_DIR = ".pl_pretrain"
+"""Name of the folder, inside a collection folder, that holds records, locks and temporary files."""
+
+PARAMFILE_EXT = ".ckpt"
+"""Every loadable is collected as ``<key>.ckpt``, whatever its source file is called."""
+
+DEFAULT_COLLECT_TIMEOUT = datetime.timedelta(hours=24)
+"""How long ranks wait for the fetching rank: far beyond a slow download, never forever."""
+
+ENV_CACHE = "PL_PRETRAIN_CACHE"
+"""Folder for URL (and object-store) downloads made with no collection folder; default ``~/.cache/pl_pretrain``."""
+
+ENV_COLLECT_TIMEOUT = "PL_PRETRAIN_COLLECT_TIMEOUT"
+"""Seconds the ranks wait for the fetching rank, overriding `DEFAULT_COLLECT_TIMEOUT`."""
+
+
+def cache_root() -> pathlib.Path:
+    """Returns the cache folder for downloads that have no collection folder (``$PL_PRETRAIN_CACHE``)."""
+    return pathlib.Path(os.environ.get(ENV_CACHE) or pathlib.Path.home() / ".cache" / "pl_pretrain").expanduser()
+
+
+def collect_timeout(timeout: datetime.timedelta | float | None = None) -> datetime.timedelta:
+    """Returns how long to wait for the fetching rank: `timeout`, else the environment, else 24 h.
+
+    Raises:
+        ConfigurationError: the value is not a finite, positive number of seconds.
+    """
+    where = "timeout"
+    if timeout is None:
+        text = os.environ.get(ENV_COLLECT_TIMEOUT, "").strip()
+        if not text:
+            return DEFAULT_COLLECT_TIMEOUT
+        where = ENV_COLLECT_TIMEOUT
+        timeout = text  # type: ignore[assignment]
+    if isinstance(timeout, datetime.timedelta):
+        seconds = timeout.total_seconds()
+    else:
+        try:
+            seconds = float(timeout)
+        except (TypeError, ValueError):
+            seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigurationError(
+            f"{where}={timeout!r} is not a finite, positive number of seconds.",
+            hint=f"Give e.g. {where}=3600 (one hour), or leave it unset for the default of 24 hours.",
+        )
+    return datetime.timedelta(seconds=seconds)
