@@ -55,22 +55,24 @@ def collect_timeout(timeout: datetime.timedelta | float | None = None) -> dateti
         ConfigurationError: the value is not a finite, positive number of seconds.
     """
     where = "timeout"
+    value: object = timeout
     if timeout is None:
-        text = os.environ.get(ENV_COLLECT_TIMEOUT, "").strip()
-        if not text:
+        value = os.environ.get(ENV_COLLECT_TIMEOUT, "").strip()
+        if not value:
             return DEFAULT_COLLECT_TIMEOUT
         where = ENV_COLLECT_TIMEOUT
-        timeout = text  # type: ignore[assignment]
-    if isinstance(timeout, datetime.timedelta):
-        seconds = timeout.total_seconds()
-    else:
+    if isinstance(value, datetime.timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, (int, float, str)) and not isinstance(value, bool):
         try:
-            seconds = float(timeout)
-        except (TypeError, ValueError):
+            seconds = float(value)
+        except ValueError:
             seconds = math.nan
+    else:
+        seconds = math.nan
     if not math.isfinite(seconds) or seconds <= 0:
         raise ConfigurationError(
-            f"{where}={timeout!r} is not a finite, positive number of seconds.",
+            f"{where}={value!r} is not a finite, positive number of seconds.",
             hint=f"Give e.g. {where}=3600 (one hour), or leave it unset for the default of 24 hours.",
         )
     return datetime.timedelta(seconds=seconds)

@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import time
+import types
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
@@ -26,9 +27,11 @@ from lightning.pytorch.callbacks import BaseFinetuning
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from pl_pretrain._constants import DEFAULT_COLLECT_IN
+from pl_pretrain.distributed import as_per_node
 from pl_pretrain.errors import ConfigurationError
 from pl_pretrain.fetching import FetchConfig, LocalStrategy, redact_url
-from pl_pretrain.pretrainer import PARAMFILE_EXT, Pretrainer
+from pl_pretrain.pretrainer import Pretrainer
 from pl_pretrain.transfer import TransferOptions, TransferReport, format_reports, incomplete_keys
 
 __all__ = ["PretrainerCallback", "load_pretrained"]
@@ -96,7 +99,7 @@ class PretrainerCallback(Callback):
         self,
         pretrainer: Pretrainer | None = None,
         *,
-        collect_in: str | os.PathLike | None = "./model_checkpoints",
+        collect_in: str | os.PathLike | None = DEFAULT_COLLECT_IN,
         loadables: Mapping[str, Any] | None = None,
         paths: Mapping[str, Any] | None = None,
         default_source: str | os.PathLike | None = None,
@@ -156,8 +159,6 @@ class PretrainerCallback(Callback):
             raise ConfigurationError(f"local_strategy={local_strategy!r} is not a LocalStrategy.")
         if fetch_config is not None and not isinstance(fetch_config, FetchConfig):
             raise ConfigurationError(f"fetch_config is a {type(fetch_config).__name__}, not a FetchConfig.")
-        if collect_per_node not in (True, False, "auto"):
-            raise ConfigurationError(f"collect_per_node={collect_per_node!r} must be True, False or 'auto'.")
         if not isinstance(freeze, bool):
             unknown = sorted(set(freeze) - set(self.pretrainer.loadables))
             if isinstance(freeze, str) or unknown:
@@ -169,7 +170,7 @@ class PretrainerCallback(Callback):
         self.default_source = default_source
         self.local_strategy = local_strategy
         self.fetch_config = fetch_config if fetch_config is not None else FetchConfig()
-        self.collect_per_node = collect_per_node
+        self.collect_per_node = as_per_node(collect_per_node)  # misuse fails here, not in setup
         self.stages = tuple(stages)
         self.freeze = freeze
         self.log_report = log_report
@@ -272,15 +273,14 @@ class PretrainerCallback(Callback):
         pt = self.pretrainer
         out = {}
         for key in sorted(pt.loadables):
-            if key in pt.paths:
-                where = pt.paths[key]
-                where = str(getattr(where, "path", where))
-            elif self.default_source is not None:
-                where = f"{getattr(self.default_source, 'path', self.default_source)}/{key}{PARAMFILE_EXT}"
-            else:
-                where = None
+            where = pt.source_of(key, self.default_source)
+            path = None
+            if where is not None:
+                source, filename = where
+                source = str(getattr(source, "path", source))
+                path = filename if source == "./" else f"{source.rstrip('/')}/{filename}"
             out[key] = {
-                "path": redact_url(where) if isinstance(where, str) and "://" in where else where,
+                "path": redact_url(path) if path is not None and "://" in path else path,
                 "revision": self.fetch_config.revision,
                 "checksum": pt.checksums.get(key),
             }
@@ -330,7 +330,7 @@ class PretrainerCallback(Callback):
                 del pl_module.configure_model
             self._finish(trainer, pl_module, load, freeze)
 
-        configure_model_then_load.__wrapped__ = original  # keeps `is_overridden` answering for the class
+        configure_model_then_load.__wrapped__ = original  # type: ignore[attr-defined]  # `is_overridden` still sees the class's
         pl_module.configure_model = configure_model_then_load  # type: ignore[method-assign]
 
     def _resolve_targets(self, pl_module: LightningModule) -> dict[str, Any]:
@@ -369,7 +369,7 @@ def _resolve(pl_module: LightningModule, key: str, path: str) -> Any:
     if path in (_SELF, ""):
         return pl_module
     obj: Any = pl_module
-    walked = []
+    walked: list[str] = []
     for part in path.split("."):
         if not hasattr(obj, part):
             where = ".".join(walked) or type(pl_module).__name__
@@ -396,7 +396,7 @@ def _pending_ckpt_path(trainer: Trainer) -> Any | None:
     """
     if trainer.ckpt_path is not None:
         return trainer.ckpt_path
-    frame = sys._getframe(1)
+    frame: types.FrameType | None = sys._getframe(1)
     for _ in range(64):
         if frame is None:
             break

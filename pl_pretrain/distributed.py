@@ -1,6 +1,6 @@
 """Who fetches, who waits, and how a failure reaches every rank.
 
-The protocol (DESIGN.md section 3), with `torch.distributed` only:
+The protocol (docs/architecture.md, "The distributed protocol"), with `torch.distributed` only:
 
 1. Every rank enters `run_once` together.
 2. The fetching rank (global rank 0, or the first rank of each node whose folder is not shared)
@@ -20,17 +20,19 @@ whether two ranks share a folder, are given to it as callables.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
 import socket
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 
 import torch.distributed as dist
 
+from pl_pretrain._constants import DEFAULT_COLLECT_TIMEOUT, collect_timeout
 from pl_pretrain.errors import ConfigurationError, PretrainerError, error_from_record, record_for
 
 __all__ = [
@@ -42,6 +44,7 @@ __all__ = [
     "run_everywhere",
     "broadcast_object",
     "global_rank",
+    "as_per_node",
     "DEFAULT_TIMEOUT",
 ]
 
@@ -49,13 +52,20 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-DEFAULT_TIMEOUT = datetime.timedelta(hours=24)
-"""How long ranks wait for the fetching rank: far beyond a slow download, never forever.
-
-Overridden by the environment variable ``PL_PRETRAIN_COLLECT_TIMEOUT`` (seconds) or per call.
-"""
+DEFAULT_TIMEOUT = DEFAULT_COLLECT_TIMEOUT
+"""How long ranks wait for the fetching rank (overridden by ``PL_PRETRAIN_COLLECT_TIMEOUT`` or per call)."""
 
 PerNode = bool | Literal["auto"]
+
+
+def as_per_node(value: object) -> PerNode:
+    """Returns `value` if it is a valid ``collect_per_node`` (True, False or "auto"); raises otherwise."""
+    if value is True or value is False or value == "auto":
+        return value
+    raise ConfigurationError(
+        f"collect_per_node={value!r} must be True, False or 'auto'.",
+        hint="'auto' fetches once per job when the collection folder is shared, once per node otherwise.",
+    )
 
 
 class SharedProbe(Protocol):
@@ -145,22 +155,8 @@ def topology(group: Any = None) -> Topology:
 _WAIT_GROUPS: weakref.WeakKeyDictionary[Any, tuple[datetime.timedelta, Any]] = weakref.WeakKeyDictionary()
 
 
-def _timeout(timeout: datetime.timedelta | float | None) -> datetime.timedelta:
-    if timeout is None:
-        env = os.environ.get("PL_PRETRAIN_COLLECT_TIMEOUT")
-        if env:
-            try:
-                return datetime.timedelta(seconds=float(env))
-            except ValueError:
-                raise ConfigurationError(f"PL_PRETRAIN_COLLECT_TIMEOUT={env!r} is not a number of seconds.") from None
-        return DEFAULT_TIMEOUT
-    if isinstance(timeout, datetime.timedelta):
-        return timeout
-    return datetime.timedelta(seconds=float(timeout))
-
-
 def _wait_group(timeout: datetime.timedelta | float | None) -> Any:
-    wanted = _timeout(timeout)
+    wanted = collect_timeout(timeout)
     world = dist.group.WORLD
     cached = _WAIT_GROUPS.get(world)
     if cached is not None and cached[0] == wanted:
@@ -177,15 +173,14 @@ def _gather(value: Any, group: Any) -> list[Any]:
     return out
 
 
-class _lost_contact:
+@contextlib.contextmanager
+def _lost_contact() -> Iterator[None]:
     """Turns a collective that broke (a peer died, a timeout) into one clear PretrainerError."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: Any, error: Any, tb: Any) -> bool:
-        if error is None or not isinstance(error, RuntimeError) or isinstance(error, PretrainerError):
-            return False
+    try:
+        yield
+    except PretrainerError:
+        raise
+    except RuntimeError as error:
         raise PretrainerError(
             f"Lost contact with the other ranks while waiting for the collection outcome: {str(error).splitlines()[0]}",
             rank=global_rank(),
@@ -251,8 +246,6 @@ def run_once(
     Raises:
         PretrainerError: on every rank, when any fetching rank failed; it names that rank.
     """
-    if per_node not in (True, False, "auto"):
-        raise ConfigurationError(f"collect_per_node={per_node!r} must be True, False or 'auto'.")
     if not is_distributed():
         return work()
 

@@ -21,7 +21,6 @@ __all__ = [
     "TransferError",
     "UnsafeCheckpointError",
     "RemoteError",
-    "error_from_record",
 ]
 
 

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from pl_pretrain import distributed
+from pl_pretrain._constants import DEFAULT_COLLECT_IN, PARAMFILE_EXT
 from pl_pretrain.errors import ConfigurationError, FetchError, PretrainerError, TransferError
 from pl_pretrain.fetching import (
     RECORD_DIR,
@@ -50,8 +51,6 @@ __all__ = ["Pretrainer", "PARAMFILE_EXT"]
 
 logger = logging.getLogger(__name__)
 
-PARAMFILE_EXT = ".ckpt"
-"""Every loadable is collected as ``<key>.ckpt``, whatever its source file is called."""
 
 Source = str | os.PathLike | FetchSource
 
@@ -82,7 +81,7 @@ class Pretrainer:
 
     def __init__(
         self,
-        collect_in: str | os.PathLike | None = "./model_checkpoints",
+        collect_in: str | os.PathLike | None = DEFAULT_COLLECT_IN,
         loadables: Mapping[str, Any] | None = None,
         paths: Mapping[str, Source] | None = None,
         custom_hooks: Mapping[str, Callable[..., Any]] | None = None,
@@ -218,11 +217,7 @@ class Pretrainer:
         config = fetch_config if fetch_config is not None else FetchConfig()
         if not isinstance(config, FetchConfig):
             raise ConfigurationError(f"fetch_config is a {type(config).__name__}, not a FetchConfig.")
-        if collect_per_node not in (True, False, "auto"):
-            raise ConfigurationError(
-                f"collect_per_node={collect_per_node!r} must be True, False or 'auto'.",
-                hint="'auto' fetches once per job when the collection folder is shared, once per node otherwise.",
-            )
+        per_node = distributed.as_per_node(collect_per_node)
 
         def work() -> dict[str, Fetched]:
             return self._fetch_all(default_source, local_strategy, config)
@@ -230,7 +225,7 @@ class Pretrainer:
         if internal_ddp_handling:
             collected = distributed.run_once(
                 work,
-                per_node=collect_per_node,  # type: ignore[arg-type]
+                per_node=per_node,
                 probe=_FolderProbe(self.collect_in) if self.collect_in is not None else None,
                 check=_all_readable,
                 timeout=timeout,
@@ -432,7 +427,7 @@ class Pretrainer:
         """Returns key -> where its file came from (source, file, revision, commit, sha256) and its report."""
         out = {}
         for key, fetched in self.collected.items():
-            entry = {
+            entry: dict[str, Any] = {
                 "source": fetched.source,
                 "filename": fetched.filename,
                 "location": fetched.location,

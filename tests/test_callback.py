@@ -315,6 +315,7 @@ def test_two_callbacks_keep_separate_state(tmp_path, pretrained):
 # ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_ddp_spawn_two_ranks(tmp_path, http_server, records):
     http_server.add("m/encoder.ckpt", ckpt_bytes(encoder(seed=PRETRAINED_SEED)))
     expected = digest(encoder(seed=PRETRAINED_SEED))

@@ -24,6 +24,9 @@ from safetensors.torch import save_file
 from pl_pretrain.errors import TransferError
 from pl_pretrain.transfer import diagnose_transfer, plan_transfer, torch_parameter_transfer
 
+# Most tests here run the CLI as a user does, in a subprocess: not in the fast loop.
+pytestmark = pytest.mark.slow
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ASSET = REPO / "examples" / "assets" / "tiny-kws" / "pretrained.ckpt"
 ASSET_SHA256 = "sha256:e9def5f3e2ca650dbc3285a8f89766c039ea705393228b3ce473ff75607fe5ea"

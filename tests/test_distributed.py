@@ -19,6 +19,9 @@ from servers import Fault
 from pl_pretrain import LocalStrategy, Pretrainer
 from pl_pretrain.errors import ConfigurationError
 
+# Every test here starts other processes (ranks, launchers): not in the fast loop.
+pytestmark = pytest.mark.slow
+
 needs_root = pytest.mark.skipif(not can_unshare(), reason="simulated nodes need root for mount namespaces")
 
 

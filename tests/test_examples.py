@@ -18,6 +18,11 @@ import shlex
 import subprocess
 import sys
 
+import pytest
+
+# Every test here starts other processes (ranks, launchers): not in the fast loop.
+pytestmark = pytest.mark.slow
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 SBATCH = REPO / "examples" / "slurm" / "two_nodes.sbatch"

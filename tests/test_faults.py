@@ -145,6 +145,7 @@ def test_url_4xx_is_not_retried(tmp_path, http_server, weights, status):
     assert http_server.arrivals("GET") == 1
 
 
+@pytest.mark.slow
 def test_url_that_stalls_times_out_after_the_retries(tmp_path, http_server, weights):
     data = weights[0]
     url = http_server.add("m/enc.ckpt", data)
@@ -164,6 +165,7 @@ def test_url_that_stalls_times_out_after_the_retries(tmp_path, http_server, weig
     assert http_server.arrivals("GET", "enc.ckpt") == 2
 
 
+@pytest.mark.slow
 def test_url_slow_but_steady_download_succeeds(tmp_path, http_server, weights):
     data, expected = weights
     url = http_server.add("m/enc.ckpt", data)
@@ -546,6 +548,7 @@ def test_refused_symlinks_fall_back_to_copies_with_one_warning(tmp_path, hub, mo
 # ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_every_rank_raises_the_same_error(tmp_path, http_server, hub, weights):
     data = weights[0]
     http_server.add("m500/encoder.ckpt", data)

@@ -25,6 +25,9 @@ from test_faults import assert_nothing_trusted
 from pl_pretrain import FetchConfig, LocalStrategy, Pretrainer
 from pl_pretrain.fetching import RECORD_DIR
 
+# Every test here starts other processes (ranks, launchers): not in the fast loop.
+pytestmark = pytest.mark.slow
+
 SCRIPTS = pathlib.Path(__file__).parent / "scripts"
 FAST = {"retries": 1, "backoff": 0.01, "timeout": 10.0}
 

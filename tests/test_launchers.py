@@ -19,6 +19,9 @@ from dist import can_unshare
 from helpers import ckpt_bytes, digest
 from lightning_models import encoder
 
+# Every test here starts other processes (ranks, launchers): not in the fast loop.
+pytestmark = pytest.mark.slow
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 JOB = REPO / "tests" / "scripts" / "lightning_job.py"
 SEED = 11
