@@ -49,7 +49,10 @@ class PretrainerCallback(Callback):
     not shared) collects the files, the other ranks wait for it, and every rank loads the same
     files, before the strategy wraps the model (DDP, FSDP). A failure on any rank is raised on
     every rank with the key, the source and the cause. When the LightningModule builds layers in
-    ``configure_model``, the load happens right after that hook.
+    ``configure_model``, the load happens right after that hook; layers built there on the
+    ``meta`` device are first materialised with their own ``reset_parameters()``, so that a
+    sharded model (``ModelParallelStrategy``: FSDP2, tensor parallel) gets the files' weights, each
+    rank its own slices, and layers no file holds (a new head) their initialisation, once.
 
     It does not fight Lightning: with ``trainer.fit(model, ckpt_path=...)`` the resumed weights
     win and nothing is fetched; ``trainer.test(model)`` after ``trainer.fit(model)`` does not load
@@ -311,8 +314,37 @@ class PretrainerCallback(Callback):
         self.__dict__.update(state)
         self._loaded_modules = weakref.WeakSet()
 
+    def materialize(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Gives every module still on the meta device real memory and its own ``reset_parameters()``, once.
+
+        Why here, before the load: when any tensor is still on ``meta`` as the strategy sets up
+        (``ModelParallelStrategy``, ``FSDPStrategy``), Lightning calls ``to_empty()`` on the whole
+        model and ``reset_parameters()`` on every submodule, which would overwrite weights loaded
+        before it. Materialising first, as Lightning would (module by module, so DTensor shards
+        stay sharded), leaves nothing for Lightning's pass to do: the load then fills what the
+        files hold, and modules they do not hold (a new head) keep this one initialisation.
+        """
+        device = trainer.strategy.root_device
+        uninitialised = set()
+        for module in pl_module.modules():
+            own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+            if not any(tensor.is_meta for tensor in own):
+                continue
+            module.to_empty(device=device, recurse=False)
+            reset = getattr(module, "reset_parameters", None)
+            if callable(reset):
+                reset()
+            else:
+                uninitialised.add(type(module).__name__)
+        if uninitialised:
+            rank_zero_warn(
+                f"pl_pretrain: {', '.join(sorted(uninitialised))} had tensors on the meta device and no "
+                "reset_parameters(); what the pretrained files do not fill holds uninitialised memory."
+            )
+
     def _finish(self, trainer: Trainer, pl_module: LightningModule, load: bool, freeze: bool) -> None:
         if load:
+            self.materialize(trainer, pl_module)
             self.load(trainer, pl_module)
         if freeze:
             self.freeze_loaded(pl_module)

@@ -12,6 +12,7 @@ import os
 import lightning as L
 import torch
 from helpers import digest
+from sharded_models import CountingLinear
 
 
 def encoder(seed: int | None = None) -> torch.nn.Module:
@@ -31,6 +32,8 @@ class _Recording(L.LightningModule):
             "rank": self.global_rank,
             "encoder": digest(self.encoder) if hasattr(self, "encoder") else None,
             "head": digest(self.head) if hasattr(self, "head") else None,
+            "head_finite": bool(torch.isfinite(self.head.weight).all()) if hasattr(self, "head") else None,
+            "head_inits": getattr(getattr(self, "head", None), "real_inits", None),
             "encoder_requires_grad": [p.requires_grad for p in self.encoder.parameters()]
             if hasattr(self, "encoder")
             else None,
@@ -111,3 +114,17 @@ class LateModel(_Recording):
         torch.manual_seed(321)
         self.encoder = encoder()
         self.head = torch.nn.Linear(8, 1)
+
+
+class MetaModel(_Recording):
+    """Builds its layers on the meta device in configure_model (nothing allocated until materialised)."""
+
+    def __init__(self, tag: str = "run") -> None:
+        super().__init__(tag)
+
+    def configure_model(self) -> None:
+        if hasattr(self, "encoder"):
+            return
+        with torch.device("meta"):
+            self.encoder = encoder()
+            self.head = CountingLinear(8, 1)  # not in the pretrained file

@@ -18,7 +18,7 @@ import yaml
 from helpers import ckpt_bytes, digest
 from lightning.pytorch.callbacks import BaseFinetuning
 from lightning.pytorch.loggers import CSVLogger
-from lightning_models import LateModel, Model, Nested, encoder
+from lightning_models import LateModel, MetaModel, Model, Nested, encoder
 
 from pl_pretrain import FetchConfig, Pretrainer, PretrainerCallback
 from pl_pretrain.callback import load_pretrained
@@ -106,6 +106,15 @@ def test_layers_built_in_configure_model_get_their_weights(tmp_path, pretrained,
     trainer(tmp_path, [cb]).fit(model)
     assert records("run", "train_start")[0]["encoder"] == expected
     assert "configure_model" not in vars(model)  # the wrapper removed itself
+
+
+def test_layers_built_on_meta_get_the_file_and_a_new_head_its_own_init_once(tmp_path, pretrained, records):
+    folder, expected = pretrained
+    cb = PretrainerCallback(collect_in=tmp_path / "c", loadables={"encoder": "encoder"}, default_source=str(folder))
+    trainer(tmp_path, [cb]).fit(MetaModel())
+    start = records("run", "train_start")[0]
+    assert start["encoder"] == expected
+    assert start["head_finite"] and start["head_inits"] == 1  # reset_parameters() on real memory, once
 
 
 def test_missing_attribute_lists_what_exists(tmp_path, pretrained):
