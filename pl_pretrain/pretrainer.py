@@ -42,17 +42,25 @@ from pl_pretrain.transfer import (
     format_reports,
     get_default_hook,
     incomplete_keys,
-    shard_folder_name,
     shard_names,
     torch_parameter_transfer,
 )
 
-__all__ = ["Pretrainer", "PARAMFILE_EXT"]
+__all__ = ["Pretrainer", "PARAMFILE_EXT", "shard_folder_name"]
 
 logger = logging.getLogger(__name__)
 
 
 Source = str | os.PathLike | FetchSource
+
+
+def shard_folder_name(collected_name: str) -> str:
+    """Returns the folder name, beside a collected index file, that holds its shards.
+
+    ``encoder.ckpt`` -> ``encoder.shards``: the Pretrainer collects a sharded checkpoint's shards
+    there, and passes that folder to the transfer (``shard_dir``).
+    """
+    return pathlib.Path(collected_name).stem + ".shards"
 
 
 class Pretrainer:
@@ -282,11 +290,9 @@ class Pretrainer:
             shards = shard_names(fetched.path)
             if shards:
                 # A sharded checkpoint's index: its shards live beside it in the source, and are
-                # collected into <collect_in>/<key>.shards/ (see transfer.shard_folder_name).
+                # collected into <collect_in>/<key>.shards/ (see shard_folder_name).
                 prefix = filename.rpartition("/")[0]
-                shard_dir = (
-                    None if self.collect_in is None else self.collect_in / shard_folder_name(key + PARAMFILE_EXT)
-                )
+                shard_dir = self._shard_dir(key)
                 for name in shards:
                     fetch_file(
                         f"{prefix}/{name}" if prefix else name,
@@ -302,6 +308,10 @@ class Pretrainer:
             raise
         except Exception as error:  # anything unforeseen still names the key and the source
             raise FetchError(f"{type(error).__name__}: {error}", key=key, source=shown) from error
+
+    def _shard_dir(self, key: str) -> pathlib.Path | None:
+        """Returns the folder that a sharded checkpoint's shards for `key` are collected into (None: none)."""
+        return None if self.collect_in is None else self.collect_in / shard_folder_name(key + PARAMFILE_EXT)
 
     def _check_keys(self) -> None:
         known = set(self.loadables)
@@ -401,7 +411,7 @@ class Pretrainer:
             return self.custom_hooks[key](obj, path)
         hook = get_default_hook(obj, DEFAULT_TRANSFER_HOOKS)
         if hook is torch_parameter_transfer:
-            return hook(obj, path, options)
+            return hook(obj, path, options, shard_dir=self._shard_dir(key))
         if options is not None:
             raise ConfigurationError(
                 f"transfer_options apply to torch.nn.Module loadables; '{key}' is a {type(obj).__name__}.",

@@ -234,6 +234,32 @@ def test_a_missing_shard_names_the_shard_and_where_it_was_looked_for(tmp_path):
         torch_parameter_transfer(Model(seed=2), tmp_path / "src" / "model.safetensors.index.json")
 
 
+def test_shards_are_read_from_the_folder_the_caller_names(tmp_path):
+    import huggingface_hub
+
+    from pl_pretrain.transfer import diagnose_transfer, plan_transfer
+
+    # An index copied on its own (as a COPY collection does), its shards in a folder of their own.
+    source = Model(seed=1)
+    (tmp_path / "src").mkdir()
+    huggingface_hub.save_torch_state_dict(source.state_dict(), tmp_path / "src", max_shard_size=400)
+    (tmp_path / "kept").mkdir()
+    index = tmp_path / "kept" / "model.ckpt"
+    index.write_bytes((tmp_path / "src" / "model.safetensors.index.json").read_bytes())
+    shards = tmp_path / "kept" / "model.shards"
+    (tmp_path / "src").rename(shards)
+
+    # The readers do not guess the Pretrainer's <key>.shards/ layout: the folder is passed in.
+    with pytest.raises(TransferError, match=r"Shard '.*' of the sharded checkpoint .* is in none of"):
+        torch_parameter_transfer(Model(seed=2), index)
+    assert plan_transfer(Model(seed=2), index, shard_dir=shards).complete
+    assert diagnose_transfer(Model(seed=2), index, shard_dir=shards)[1] is None
+    assert len(read_state_dict(index, shard_dir=shards)[0]) == len(source.state_dict())
+    target = Model(seed=2)
+    report = torch_parameter_transfer(target, index, shard_dir=shards)
+    assert report.complete and report.format == "sharded-safetensors" and same(source, target)
+
+
 def test_an_index_that_does_not_match_its_shards_is_an_error(tmp_path):
     write(tmp_path / "a.safetensors", {"w": torch.ones(2)}, "safetensors")
     index = tmp_path / "model.safetensors.index.json"
