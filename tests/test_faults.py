@@ -28,9 +28,10 @@ from dist import assert_all_ok, run_ranks
 from helpers import ckpt_bytes, digest, module
 from servers import Fault
 
-from pl_pretrain import FetchConfig, LocalStrategy, Pretrainer, PretrainerError, fetch, fetching
+from pl_pretrain import FetchConfig, LocalStrategy, Pretrainer, PretrainerError, fetch
 from pl_pretrain.errors import ChecksumError, ConfigurationError, FetchError, OfflineError
-from pl_pretrain.fetching import RECORD_DIR
+from pl_pretrain.fetching import RECORD_DIR, placement
+from pl_pretrain.fetching import http as http_kind
 
 # Short backoff keeps the retry tests fast; the counts, not the delays, are what is asserted.
 FAST = {"retries": 2, "backoff": 0.01, "timeout": 5.0}
@@ -347,7 +348,7 @@ def test_death_between_rename_and_record_is_not_trusted(tmp_path, http_server, m
         raise KeyboardInterrupt  # the process dies right after the new file was renamed into place
 
     with monkeypatch.context() as patch:
-        patch.setattr(fetching, "_finish_placing", die)
+        patch.setattr(http_kind, "_finish_placing", die)
         with pytest.raises(KeyboardInterrupt):
             collect(tmp_path / "c", url_new)
     assert (tmp_path / "c" / FILE).read_bytes() == new  # whole, but no record vouches for it
@@ -524,7 +525,7 @@ def test_refused_symlinks_fall_back_to_copies_with_one_warning(tmp_path, hub, mo
         return real_symlink(target, link, *args, **kwargs)
 
     monkeypatch.setattr(os, "symlink", refusing_symlink)
-    monkeypatch.setattr(fetching, "_symlink_fallback_warned", False)
+    monkeypatch.setattr(placement, "_symlink_fallback_warned", False)
     mods = {k: module(seed=i) for i, k in enumerate(["encoder", "decoder", "head"])}
     paths = {"encoder": str(src / "enc.ckpt"), "decoder": str(src / "dec.ckpt"), "head": "org/asr/head.ckpt"}
     for run in range(2):  # the second run reuses the copies, silently

@@ -1,0 +1,161 @@
+"""``http(s)://`` sources: a file downloaded whole with retries, credentials sent but never shown.
+
+A URL has no cache of its own: with no `savedir` the file is downloaded to
+``$PL_PRETRAIN_CACHE/urls/<hash of the address>/``, and ``NO_LINK`` still downloads into `savedir`.
+Credentials in the address (``https://user:pass@host/...``) become a Basic ``Authorization``
+header that does not follow redirects; what is shown or recorded of an address is redacted.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.client
+import os
+import pathlib
+import socket
+import urllib.error
+import urllib.parse
+import urllib.request
+
+from pl_pretrain._constants import cache_root
+from pl_pretrain.errors import FetchError, OfflineError
+from pl_pretrain.fetching.kinds import Request, SourceKind
+from pl_pretrain.fetching.network import _network_allowed, _offline_state, _progress_bar, _retrying, _Transient
+from pl_pretrain.fetching.placement import _move, _tmp_beside
+from pl_pretrain.fetching.records import _begin_placing, _finish_placing, _identity, _record_of, _reusable
+from pl_pretrain.fetching.redaction import _redact_filename, _scrub, _url_secrets, redact_url
+from pl_pretrain.fetching.sources import FetchConfig, Fetched, FetchFrom
+
+_NET_CHUNK = 1024 * 1024  # smaller reads let the disk write while the network delivers
+
+
+class HttpKind(SourceKind):
+    """Web addresses; the kind every `FetchFrom.URI` source falls back to."""
+
+    fetch_from = FetchFrom.URI
+
+    def shown(self, source: str) -> str:
+        return redact_url(source)
+
+    def default_name(self, filename: str) -> str:
+        return super().default_name(filename).partition("?")[0]  # a query (?token=...) is not part of the name
+
+    def default_savedir(self, source: str, filename: str) -> pathlib.Path:
+        return _url_cache_dir(_join_url(source, filename))
+
+    def placed(self, request: Request) -> Fetched:
+        savedir, save_filename, config = request.savedir, request.save_filename, request.config
+        assert savedir is not None
+        dst = request.destination
+        shown_source = redact_url(request.source)
+        identity = _identity(FetchFrom.URI, shown_source, _redact_filename(request.filename), config.revision)
+        reused = _reusable(savedir, save_filename, identity, request.strategy, config)
+        if reused is not None:
+            return reused
+        url = _join_url(request.source, request.filename)
+        if not _network_allowed(config):
+            raise OfflineError(
+                f"'{redact_url(url)}' has not been collected into '{savedir}', and the network is off "
+                f"({_offline_state(config)}).",
+                source=shown_source,
+                hint="Fetch it once with network (for example `pl-pretrain fetch`), or allow the network.",
+            )
+        tmp, sha, size = _download_url(url, dst, config, source=shown_source)
+        try:
+            _begin_placing(savedir, save_filename, shown_source)
+            _move(tmp, dst, shown_source)
+        finally:
+            tmp.unlink(missing_ok=True)
+        placed = Fetched(dst, FetchFrom.URI, shown_source, identity["filename"], redact_url(url), sha256=sha, size=size)
+        _finish_placing(savedir, save_filename, _record_of(placed, identity, request.strategy), shown_source)
+        return placed
+
+
+KIND = HttpKind()
+
+
+def _join_url(prefix: str, filename: str) -> str:
+    """Returns ``prefix/filename`` as a URL; a query on either (``?token=...``) is kept as a query."""
+    base, _, prefix_query = prefix.partition("?")
+    path, _, file_query = filename.partition("?")
+    query = "&".join(part for part in (prefix_query, file_query) if part)
+    return base.rstrip("/") + "/" + urllib.parse.quote(path) + (f"?{query}" if query else "")
+
+
+def _url_cache_dir(url: str) -> pathlib.Path:
+    return cache_root() / "urls" / hashlib.sha256(url.encode()).hexdigest()[:24]
+
+
+def _split_credentials(url: str) -> tuple[str, str | None]:
+    """Returns (`url` without ``user:pass@``, the Basic ``Authorization`` value for them or None)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url, None
+    netloc = parts.netloc.rpartition("@")[2]
+    user = urllib.parse.unquote(parts.username or "")
+    password = urllib.parse.unquote(parts.password or "")
+    token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc)), f"Basic {token}"
+
+
+def _download_url(url: str, dst: pathlib.Path, config: FetchConfig, *, source: str) -> tuple[pathlib.Path, str, int]:
+    """Downloads `url` whole into a temporary file beside `dst`; returns (that file, sha256, size).
+
+    The caller renames the file into place (or removes it).
+    """
+    safe_url = redact_url(url)
+    request_url, authorization = _split_credentials(url)
+    secrets = _url_secrets(url)
+
+    def attempt() -> tuple[pathlib.Path, str, int]:
+        tmp = _tmp_beside(dst)
+        request = urllib.request.Request(
+            request_url, headers={"User-Agent": "pl-pretrain", "Accept-Encoding": "identity"}
+        )
+        if authorization is not None:
+            request.add_unredirected_header("Authorization", authorization)
+        done = False
+        try:
+            with urllib.request.urlopen(request, timeout=config.timeout) as response:
+                length = response.headers.get("Content-Length")
+                expected = int(length) if length is not None and length.isdigit() else None
+                digest = hashlib.sha256()
+                size = 0
+                with open(tmp, "wb") as out, _progress_bar(expected, dst.name, config.progress) as bar:
+                    while chunk := response.read(_NET_CHUNK):
+                        out.write(chunk)
+                        digest.update(chunk)
+                        size += len(chunk)
+                        bar.update(len(chunk))
+                    out.flush()
+                    os.fsync(out.fileno())
+                if expected is not None and size != expected:
+                    raise _Transient(
+                        f"the connection ended after {size} of the {expected} bytes announced by Content-Length"
+                    )
+            done = True
+            return tmp, digest.hexdigest(), size
+        except urllib.error.HTTPError as error:
+            if error.code >= 500 or error.code in (408, 429):
+                raise _Transient(f"HTTP {error.code} {error.reason}") from None
+            hint = {
+                404: "Check the address; the server has no such file.",
+                401: "The server wants credentials; give them in the address (https://user:token@host/...).",
+                403: "The server refuses access to this file.",
+            }.get(error.code, "Check the address.")
+            raise FetchError(f"HTTP {error.code} {error.reason} for {safe_url}.", source=source, hint=hint) from None
+        except TimeoutError:
+            raise _Transient(f"timed out: no data for {config.timeout:g} s (FetchConfig(timeout=...))") from None
+        except (urllib.error.URLError, http.client.HTTPException, ConnectionError) as error:
+            reason = getattr(error, "reason", error)
+            if isinstance(reason, (socket.timeout, TimeoutError)):
+                raise _Transient(f"timed out: no answer for {config.timeout:g} s (FetchConfig(timeout=...))") from None
+            raise _Transient(_scrub(f"{type(error).__name__}: {reason}", secrets)) from None
+        except OSError as error:
+            raise FetchError(f"Could not write '{dst}': {error}", source=source) from error
+        finally:
+            if not done:
+                tmp.unlink(missing_ok=True)
+
+    return _retrying(f"Downloading {safe_url}", config, attempt, source=source)

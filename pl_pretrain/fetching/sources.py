@@ -1,0 +1,206 @@
+"""What a fetch is asked for and what it gives back: source kinds, strategies, config and the checks where they enter.
+
+The names and their meaning follow SpeechBrain's ``speechbrain.utils.fetching``. `as_fetch_config`
+and `as_local_strategy` are the one place that checks these types; every entry point calls them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import pathlib
+import re
+from collections import namedtuple
+from dataclasses import dataclass
+from typing import Any
+
+from pl_pretrain._constants import RECORD_DIR
+from pl_pretrain.errors import ConfigurationError
+
+__all__ = [
+    "FetchFrom",
+    "FetchSource",
+    "LocalStrategy",
+    "FetchConfig",
+    "Fetched",
+    "guess_source",
+    "check_file_name",
+    "as_fetch_config",
+    "as_local_strategy",
+]
+
+
+class FetchFrom(enum.Enum):
+    """Where a source lives: a local folder, the Hugging Face Hub, or a web address."""
+
+    LOCAL = 1
+    HUGGING_FACE = 2
+    URI = 3
+
+
+FetchSource = namedtuple("FetchSource", ["FetchFrom", "path"])
+FetchSource.__doc__ = "A source pinned to how it is read: ``FetchSource(FetchFrom.HUGGING_FACE, 'org/repo')``."
+
+
+class LocalStrategy(enum.Enum):
+    """How a fetched file is placed in the destination folder.
+
+    - ``SYMLINK``: fetch into the cache when remote, then link ``savedir/save_filename`` to it.
+    - ``COPY``: fetch into the cache when remote, then copy it to ``savedir/save_filename``.
+    - ``COPY_SKIP_CACHE``: fetch straight to ``savedir/save_filename`` without keeping a cached copy.
+    - ``NO_LINK``: return the path where the file lives (source folder or cache); write nothing
+      into ``savedir`` (URLs, which have no cache of their own, are still downloaded there).
+    """
+
+    SYMLINK = 1
+    COPY = 2
+    COPY_SKIP_CACHE = 3
+    NO_LINK = 4
+
+
+@dataclass(frozen=True)
+class FetchConfig:
+    """How to fetch: when to reuse files, whether to use the network, and how to reach the Hub.
+
+    Args:
+        overwrite: fetch and place the file again even when the destination already holds it.
+        allow_updates: for Hub sources, ask the Hub whether the revision moved, even when the
+            destination already holds a file from the same source and revision.
+        allow_network: when False, only files already collected or cached are used (for the Hub,
+            ``local_files_only=True``). ``HF_HUB_OFFLINE=1`` has the same effect.
+        token: Hub token. ``None`` is huggingface_hub's default (``HF_TOKEN`` or the stored login),
+            ``False`` never sends one, a string is used as is. Never logged.
+        revision: Hub revision (branch, tag or commit). Part of a collected file's identity:
+            changing it fetches again.
+        huggingface_cache_dir: Hub cache folder; ``None`` is huggingface_hub's default (``HF_HOME``).
+        retries: how many times a transient network failure (reset, timeout, 5xx, 408, 429, short
+            read) is retried, with exponential backoff, before it is reported with its last cause.
+            A 4xx answer (404, 401, 403) is never retried.
+        timeout: seconds a network connection may stay silent before it counts as failed (for the
+            Hub, the metadata request; huggingface_hub's ``HF_HUB_DOWNLOAD_TIMEOUT`` governs its
+            file transfer).
+        progress: show download progress bars (``None``: only when stderr is a terminal).
+        backoff: keyword only; seconds to wait before the first retry, doubled before each next
+            one (at most 30 s).
+    """
+
+    overwrite: bool = False
+    allow_updates: bool = False
+    allow_network: bool = True
+    token: bool | str | None = dataclasses.field(default=None, repr=False)
+    revision: str | None = None
+    huggingface_cache_dir: str | pathlib.Path | None = None
+    retries: int = 3
+    timeout: float = 60.0
+    progress: bool | None = None
+    backoff: float = dataclasses.field(default=0.5, kw_only=True)
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """What one fetch produced: the local path and where its bytes came from.
+
+    Attributes:
+        path: the local file to load (inside `savedir` unless the strategy is ``NO_LINK``).
+        fetch_from: the kind of source.
+        source: the source as given (folder, URL prefix, or hub repo id), without credentials.
+        filename: the file's name inside the source.
+        location: the full place the bytes came from (a path, a URL, or ``hub:repo@rev/file``).
+        revision: the Hub revision asked for, if any.
+        commit: the Hub commit the file was resolved to, if known.
+        etag: the Hub's ETag (a sha256 for LFS files), if known.
+        sha256: the file's sha256 when it was computed (downloads and verified files).
+        size: the file's size in bytes.
+        reused: True when the destination already held this file and nothing was fetched.
+    """
+
+    path: pathlib.Path
+    fetch_from: FetchFrom
+    source: str
+    filename: str
+    location: str
+    revision: str | None = None
+    commit: str | None = None
+    etag: str | None = None
+    sha256: str | None = None
+    size: int = 0
+    reused: bool = False
+
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def guess_source(source: str | os.PathLike | FetchSource) -> tuple[FetchFrom, str]:
+    """Returns ``(FetchFrom, path)`` for a source: a URL, an existing folder, or a Hub repo id.
+
+    ``http://`` and ``https://`` are URLs; an existing directory is local; anything else is taken
+    as a Hub repo id. A `FetchSource` is returned as given. Other URL schemes (``file://``,
+    ``s3://``) are rejected unless they name an existing folder.
+    """
+    if isinstance(source, FetchSource):
+        fetch_from, path = source
+        if not isinstance(fetch_from, FetchFrom):
+            raise ConfigurationError(
+                f"FetchSource({fetch_from!r}, {path!r}) does not name a FetchFrom.",
+                hint="Use FetchFrom.LOCAL, FetchFrom.HUGGING_FACE or FetchFrom.URI.",
+            )
+        return fetch_from, str(path)
+    text = os.fspath(source)
+    if text.startswith(("http://", "https://")):
+        return FetchFrom.URI, text
+    if pathlib.Path(text).expanduser().is_dir():
+        return FetchFrom.LOCAL, text
+    if _SCHEME.match(text):
+        raise ConfigurationError(
+            f"Only http:// and https:// addresses are fetched; '{text}' is neither a web address nor an existing folder.",
+            source=text,
+            hint="Give a local folder as a plain path, or serve the file over http(s).",
+        )
+    return FetchFrom.HUGGING_FACE, text
+
+
+def check_file_name(name: str, *, what: str = "save_filename") -> str:
+    """Returns `name` if it is a plain file name that stays inside its folder; raises otherwise."""
+    if (
+        not name
+        or name in (".", "..")
+        or "/" in name
+        or "\\" in name
+        or "\x00" in name
+        or os.path.isabs(name)
+        or name.startswith(RECORD_DIR)
+    ):
+        raise ConfigurationError(
+            f"{what} {name!r} is not a plain file name: it must not be empty, contain '/' or '\\', "
+            f"be '.' or '..', be absolute or start with {RECORD_DIR!r}.",
+            hint="Use a name such as 'encoder' or 'encoder.ckpt'; files are always written inside the collection folder.",
+        )
+    return name
+
+
+def as_fetch_config(value: Any, *, where: str = "fetch_config") -> FetchConfig:
+    """Returns `value` as a `FetchConfig` (``None`` is ``FetchConfig()``); raises on anything else."""
+    if value is None:
+        return FetchConfig()
+    if isinstance(value, FetchConfig):
+        return value
+    raise ConfigurationError(
+        f"{where}={value!r} is not a FetchConfig: expected {_class_name(FetchConfig)}, got {_class_name(type(value))}.",
+        hint="Pass pl_pretrain.FetchConfig(...), or leave it unset for the defaults.",
+    )
+
+
+def as_local_strategy(value: Any, *, where: str = "local_strategy") -> LocalStrategy:
+    """Returns `value` as a `LocalStrategy`; raises on anything else."""
+    if isinstance(value, LocalStrategy):
+        return value
+    raise ConfigurationError(
+        f"{where}={value!r} is not a LocalStrategy: expected {_class_name(LocalStrategy)}, "
+        f"got {_class_name(type(value))}.",
+        hint="Use LocalStrategy.SYMLINK, COPY, COPY_SKIP_CACHE or NO_LINK.",
+    )
+
+
+def _class_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
