@@ -36,6 +36,9 @@ for _name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORM
 
 import pytest  # noqa: E402
 
+# The object stores (S3, GCS, Azure on loopback) and their fixtures: s3, gcs, azure, store.
+pytest_plugins = ["objectstores"]
+
 
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
