@@ -383,7 +383,7 @@ class PretrainerCallback(Callback):
             )
         hparams = {}
         for key, entry in self.provenance.items():
-            for field in ("location", "revision", "commit", "sha256"):
+            for field in ("location", "revision", "commit", "etag", "sha256"):
                 if entry.get(field) is not None:
                     hparams[f"pretrained/{key}/{field}"] = entry[field]
             report = reports.get(key)

@@ -434,7 +434,7 @@ class Pretrainer:
     # ----------------------------------------------------------------------------------------
 
     def provenance(self) -> dict[str, dict[str, Any]]:
-        """Returns key -> where its file came from (source, file, revision, commit, sha256) and its report."""
+        """Returns key -> where its file came from (source, file, revision, commit, etag, sha256) and its report."""
         out = {}
         for key, fetched in self.collected.items():
             entry: dict[str, Any] = {
@@ -444,6 +444,7 @@ class Pretrainer:
                 "fetch_from": fetched.fetch_from.name,
                 "revision": fetched.revision,
                 "commit": fetched.commit,
+                "etag": fetched.etag,
                 "sha256": fetched.sha256,
                 "size": fetched.size,
             }

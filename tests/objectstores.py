@@ -40,6 +40,10 @@ import pytest
 from servers import Fault, Request
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# gcsfs reads this when it is imported: else it asks a gRPC API about each bucket's kind, and
+# each call waits 60 s against the emulator. Set before any test imports gcsfs.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 BUCKET = "models"
 INSTALL_HINT = "run .ci/services.sh (pip install -e '.[cloud,test-cloud]'; npm install azurite into tests/.node)"
 
@@ -96,7 +100,7 @@ class Proxy:
         self.is_body = is_body
         self.error_body = error_body
         self.requests: list[Request] = []
-        self.faults: dict[str, Fault] = {}
+        self.faults: dict[str, tuple[Fault, bool]] = {}  # path part -> (fault, whether any request misbehaves)
         self._lock = threading.Lock()
         self._httpd = _Server(("127.0.0.1", 0), self._handler())
         self.port = self._httpd.server_address[1]
@@ -113,10 +117,11 @@ class Proxy:
             self.requests.clear()
             self.faults.clear()
 
-    def fail(self, path_part: str, fault: Fault) -> None:
-        """Makes requests that read the bytes of an object whose path contains `path_part` misbehave."""
+    def fail(self, path_part: str, fault: Fault, *, metadata: bool = False) -> None:
+        """Makes requests that read the bytes of an object whose path contains `path_part` misbehave
+        (with `metadata`, every request for that path, its metadata included)."""
         with self._lock:
-            self.faults[path_part] = fault
+            self.faults[path_part] = (fault, metadata)
 
     def count(self, method: str | None = None, path_part: str = "") -> int:
         """Returns how many requests (of `method`, for a path containing `path_part`) arrived."""
@@ -129,11 +134,9 @@ class Proxy:
             return sum(1 for r in self.requests if self.is_body(r.method, r.path) and path_part in r.path)
 
     def _fault_for(self, method: str, path: str) -> Fault | None:
-        if not self.is_body(method, path):
-            return None
         with self._lock:
-            for part, fault in self.faults.items():
-                if part in path and fault.times != 0:
+            for part, (fault, metadata) in self.faults.items():
+                if part in path and fault.times != 0 and (metadata or self.is_body(method, path)):
                     if fault.times > 0:
                         fault.times -= 1
                     return fault
@@ -262,8 +265,8 @@ class Store:
     proxy: Proxy
     env: dict[str, str]
     secrets: list[str]
-    upload: Callable[[str, bytes], None]
-    delete: Callable[[str], None]
+    upload: Callable[..., None]
+    delete: Callable[..., None]
     bad_credentials: dict[str, Any] = field(default_factory=dict)
     bad_env: dict[str, str] = field(default_factory=dict)
     stop: Callable[[], None] = lambda: None
@@ -283,8 +286,10 @@ class Store:
         return self.proxy.body_gets(self.path_part(key))
 
     def requests_for(self, key: str) -> int:
-        """Returns how many requests through the proxy named `key` (metadata and bytes)."""
-        return self.proxy.count(None, self.path_part(key))
+        """Returns how many requests through the proxy were for the object `key` itself (metadata and bytes)."""
+        suffix = "/" + self.path_part(key)
+        with self.proxy._lock:
+            return sum(1 for r in self.proxy.requests if urllib.parse.urlsplit(r.path).path.endswith(suffix))
 
     def path_part(self, key: str) -> str:
         """Returns how `key` appears in this store's request paths."""

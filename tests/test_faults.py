@@ -405,7 +405,7 @@ def test_bad_save_filename_is_rejected(tmp_path, published, bad):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
-@pytest.mark.parametrize("scheme", ["file:///etc/passwd", "ftp://127.0.0.1/enc.ckpt", "s3://bucket/enc.ckpt"])
+@pytest.mark.parametrize("scheme", ["file:///etc/passwd", "ftp://127.0.0.1/enc.ckpt", "hdfs://cluster/enc.ckpt"])
 def test_only_http_and_https_are_fetched(tmp_path, scheme):
     with pytest.raises(ConfigurationError) as info:
         collect(tmp_path / "c", scheme)

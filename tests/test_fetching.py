@@ -38,7 +38,7 @@ def test_guess_source_kinds(tmp_path):
     assert guess_source(pinned) == (FetchFrom.HUGGING_FACE, str(tmp_path))
 
 
-@pytest.mark.parametrize("source", ["file:///etc", "s3://bucket/models", "ftp://host/x"])
+@pytest.mark.parametrize("source", ["file:///etc", "hdfs://cluster/models", "ftp://host/x"])
 def test_other_url_schemes_are_rejected(source):
     with pytest.raises(ConfigurationError, match="Only http:// and https://") as info:
         guess_source(source)

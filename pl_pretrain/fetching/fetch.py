@@ -6,7 +6,7 @@ import os
 import pathlib
 
 from pl_pretrain.errors import ConfigurationError
-from pl_pretrain.fetching import http, hub, local
+from pl_pretrain.fetching import http, hub, local, objectstore
 from pl_pretrain.fetching.integrity import _checked
 from pl_pretrain.fetching.kinds import Request, SourceKind
 from pl_pretrain.fetching.placement import _locked, _make_dirs
@@ -29,6 +29,7 @@ __all__ = ["fetch", "fetch_file"]
 _KINDS: tuple[SourceKind, ...] = (
     local.KIND,
     hub.KIND,
+    objectstore.KIND,
     http.KIND,
 )
 

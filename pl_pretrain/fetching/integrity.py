@@ -86,6 +86,11 @@ def _discard(fetched: Fetched) -> bool:
         # Else the Hub cache would serve the same bad bytes again.
         pointer = pathlib.Path(os.path.join(path.parent, os.readlink(path))) if path.is_symlink() else path
         _remove_hub_entry(pointer)
+    elif fetched.fetch_from is FetchFrom.URI and path.is_symlink():
+        # A link into the object-store cache: else the cache would serve the same bad bytes again.
+        cached = pathlib.Path(os.path.realpath(path))
+        cached.unlink(missing_ok=True)
+        _remove_record(cached.parent, cached.name)
     path.unlink(missing_ok=True)  # unlink never follows a link: a linked source file stays
     _remove_record(path.parent, path.name)
     return True

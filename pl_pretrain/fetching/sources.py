@@ -83,6 +83,10 @@ class FetchConfig:
         progress: show download progress bars (``None``: only when stderr is a terminal).
         backoff: keyword only; seconds to wait before the first retry, doubled before each next
             one (at most 30 s).
+        storage_options: keyword only; options for the object store's fsspec filesystem (``s3://``:
+            s3fs, ``gs://``: gcsfs, ``az://``/``abfs://``: adlfs), e.g. ``{"endpoint_url": ...,
+            "key": ..., "secret": ...}`` or ``{"anon": True}``. ``None``: each backend's standard
+            environment and credentials. Never shown: not in ``repr``, records, errors or logs.
     """
 
     overwrite: bool = False
@@ -95,6 +99,7 @@ class FetchConfig:
     timeout: float = 60.0
     progress: bool | None = None
     backoff: float = dataclasses.field(default=0.5, kw_only=True)
+    storage_options: dict[str, Any] | None = dataclasses.field(default=None, kw_only=True, repr=False, hash=False)
 
 
 @dataclass(frozen=True)
@@ -134,10 +139,13 @@ _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 def guess_source(source: str | os.PathLike | FetchSource) -> tuple[FetchFrom, str]:
     """Returns ``(FetchFrom, path)`` for a source: a URL, an existing folder, or a Hub repo id.
 
-    ``http://`` and ``https://`` are URLs; an existing directory is local; anything else is taken
-    as a Hub repo id. A `FetchSource` is returned as given. Other URL schemes (``file://``,
-    ``s3://``) are rejected unless they name an existing folder.
+    ``http://``, ``https://`` and the object stores' ``s3://``, ``gs://``, ``az://``, ``abfs://``
+    are URIs; an existing directory is local; anything else is taken as a Hub repo id. A
+    `FetchSource` is returned as given. Other URL schemes (``file://``, ``ftp://``) are rejected
+    unless they name an existing folder.
     """
+    from pl_pretrain.fetching.objectstore import is_object_url  # its backends are imported only when used
+
     if isinstance(source, FetchSource):
         fetch_from, path = source
         if not isinstance(fetch_from, FetchFrom):
@@ -147,15 +155,16 @@ def guess_source(source: str | os.PathLike | FetchSource) -> tuple[FetchFrom, st
             )
         return fetch_from, str(path)
     text = os.fspath(source)
-    if text.startswith(("http://", "https://")):
+    if text.startswith(("http://", "https://")) or is_object_url(text):
         return FetchFrom.URI, text
     if pathlib.Path(text).expanduser().is_dir():
         return FetchFrom.LOCAL, text
     if _SCHEME.match(text):
         raise ConfigurationError(
-            f"Only http:// and https:// addresses are fetched; '{text}' is neither a web address nor an existing folder.",
+            f"Only http:// and https:// addresses and object stores (s3://, gs://, az://, abfs://) are fetched; "
+            f"'{text}' is neither one of those nor an existing folder.",
             source=text,
-            hint="Give a local folder as a plain path, or serve the file over http(s).",
+            hint="Give a local folder as a plain path, or serve the file over http(s) or from an object store.",
         )
     return FetchFrom.HUGGING_FACE, text
 
