@@ -26,11 +26,16 @@ needs_root = pytest.mark.skipif(not can_unshare(), reason="simulated nodes need 
 
 
 class Sources:
-    """Publishes a distinct checkpoint per cell on a local folder, the URL server or the Hub."""
+    """Publishes a distinct checkpoint per cell on a local folder, the URL server, the Hub or an object store."""
 
-    def __init__(self, tmp_path, http_server, hub):
+    def __init__(self, tmp_path, http_server, hub, request):
         self.tmp_path, self.http, self.hub = tmp_path, http_server, hub
+        self.request = request
         self.seed = 0
+
+    def store(self, kind: str):
+        """The object store of `kind` ("s3", "gcs", "azure"), started on first use."""
+        return self.request.getfixturevalue(kind)
 
     def publish(self, kind: str, name: str) -> tuple[str, str]:
         """Returns (source, expected digest) for a fresh checkpoint named after the cell."""
@@ -45,6 +50,9 @@ class Sources:
         if kind == "url":
             self.http.add(f"{name}/encoder.ckpt", data)
             return f"{self.http.url}/{name}", digest(mod)
+        if kind in OBJECT_STORES:
+            self.store(kind).put(f"{name}/encoder.ckpt", data)
+            return self.store(kind).url(name), digest(mod)
         self.hub.add_file(f"org/{name}", "encoder.ckpt", data)
         return f"org/{name}", digest(mod)
 
@@ -53,7 +61,15 @@ class Sources:
             return len(self.http.gets(f"/{name}/encoder.ckpt"))
         if kind == "hub":
             return len(self.hub.gets(f"/org/{name}/resolve/"))
+        if kind in OBJECT_STORES:
+            return self.store(kind).body_gets(f"{name}/encoder.ckpt")
         return 0
+
+    def reset_logs(self, kinds) -> None:
+        self.http.reset_log()
+        self.hub.reset_log()
+        for kind in set(kinds) & set(OBJECT_STORES):
+            self.store(kind).proxy.reset()
 
     def heads(self, kind: str, name: str) -> int:
         if kind == "hub":
@@ -61,9 +77,12 @@ class Sources:
         return 0
 
 
+OBJECT_STORES = ("s3", "gcs", "azure")
+
+
 @pytest.fixture
-def sources(tmp_path, http_server, hub):
-    return Sources(tmp_path, http_server, hub)
+def sources(tmp_path, http_server, hub, request):
+    return Sources(tmp_path, http_server, hub, request)
 
 
 def _matrix(sources, tmp_path, kinds, strategies, collect_in_set=(True, False), present=(False, True)):
@@ -85,8 +104,7 @@ def _matrix(sources, tmp_path, kinds, strategies, collect_in_set=(True, False), 
                         )
                     cells.append(cell)
                     meta.append((name, kind, strategy, with_folder, already, expected))
-    sources.http.reset_log()  # count only what the job itself fetches
-    sources.hub.reset_log()
+    sources.reset_logs(kinds)  # count only what the job itself fetches
     return cells, meta
 
 
@@ -105,21 +123,32 @@ def _assert_cells(results, meta, sources, http_server, hub):
         assert sources.heads(kind, name) <= 1, f"{name}: more than one rank asked the Hub"
 
 
-def test_matrix_two_ranks(sources, tmp_path, http_server, hub):
-    cells, meta = _matrix(sources, tmp_path, ["local", "url", "hub"], list(LocalStrategy))
+@pytest.mark.parametrize("kinds", [["local", "url", "hub"], ["s3"]], ids=["local-url-hub", "s3"])
+def test_matrix_two_ranks(sources, tmp_path, http_server, hub, kinds):
+    cells, meta = _matrix(sources, tmp_path, kinds, list(LocalStrategy))
     results = run_ranks(rank_jobs.collect_cells, 2, args=(cells,), timeout=240)
     _assert_cells(results, meta, sources, http_server, hub)
 
 
-def test_matrix_four_ranks(sources, tmp_path, http_server, hub):
+@pytest.mark.parametrize("kinds", [["local", "url", "hub"], ["s3"]], ids=["local-url-hub", "s3"])
+def test_matrix_four_ranks(sources, tmp_path, http_server, hub, kinds):
     cells, meta = _matrix(
         sources,
         tmp_path,
-        ["local", "url", "hub"],
+        kinds,
         [LocalStrategy.SYMLINK, LocalStrategy.COPY_SKIP_CACHE, LocalStrategy.NO_LINK],
         present=(False,),
     )
     results = run_ranks(rank_jobs.collect_cells, 4, args=(cells,), timeout=240)
+    _assert_cells(results, meta, sources, http_server, hub)
+
+
+@pytest.mark.parametrize("kind", ["gcs", "azure"])
+def test_gcs_and_azure_on_two_ranks(sources, tmp_path, http_server, hub, kind):
+    cells, meta = _matrix(
+        sources, tmp_path, [kind], [LocalStrategy.SYMLINK, LocalStrategy.COPY], collect_in_set=(True,), present=(False,)
+    )
+    results = run_ranks(rank_jobs.collect_cells, 2, args=(cells,), timeout=240)
     _assert_cells(results, meta, sources, http_server, hub)
 
 
@@ -212,7 +241,7 @@ def test_launcher_without_process_group_is_a_clear_error(tmp_path, monkeypatch):
 
 
 @needs_root
-@pytest.mark.parametrize("kind", ["url", "hub"])
+@pytest.mark.parametrize("kind", ["url", "hub", "s3"])
 def test_nodes_that_do_not_share_the_folder_fetch_once_each(sources, tmp_path, http_server, hub, kind):
     source, expected = sources.publish(kind, f"pernode-{kind}")
     node_root = tmp_path / "node_local"
@@ -220,6 +249,9 @@ def test_nodes_that_do_not_share_the_folder_fetch_once_each(sources, tmp_path, h
     private = [str(node_root)]
     if kind == "hub":
         private.append(os.environ["HF_HUB_CACHE"])
+    if kind == "s3":
+        private.append(os.environ["PL_PRETRAIN_CACHE"])  # each node's own object cache, as on a real cluster
+    sources.reset_logs([kind])
     results = run_ranks(rank_jobs.collect_cells, 4, args=([cell],), nodes=2, private=private, timeout=180)
     outcomes = [r[0] for r in assert_all_ok(results)]
     for rank, outcome in enumerate(outcomes):

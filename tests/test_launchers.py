@@ -235,3 +235,30 @@ def test_lightning_cli_yaml_example(tmp_path):
     assert "pl_pretrain: loaded pretrained parameters" in output
     assert (tmp_path / "cli" / "pretrained" / "encoder.ckpt").is_file()
     assert not (tmp_path / "cli" / "pretrained" / "encoder.ckpt").is_symlink()  # local_strategy: COPY from the YAML
+
+
+def test_lightning_cli_ddp_with_an_s3_path_in_the_yaml(tmp_path, s3):
+    # The README's LightningCLI example, with its pretrained file in S3 and Lightning's ddp launcher:
+    # the credentials and the endpoint come from the standard AWS environment, as on a cluster.
+    import yaml
+
+    asset = (REPO / "examples" / "assets" / "tiny-kws" / "pretrained.ckpt").read_bytes()
+    url = s3.put("cli/tiny-kws/pretrained.ckpt", asset)
+    config = yaml.safe_load((REPO / "examples" / "cli" / "config.yaml").read_text())
+    callback = config["trainer"]["callbacks"][0]["init_args"]
+    callback["paths"]["encoder"] = url  # the checksum the example pins is verified on the S3 copy too
+    callback["fetch_config"] = {"allow_network": True}
+    callback["collect_in"] = str(tmp_path / "cli" / "pretrained")
+    config["trainer"].update(
+        strategy="ddp", devices=2, max_epochs=1, default_root_dir=str(tmp_path / "cli"), num_sanity_val_steps=0
+    )
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    result = _run(
+        [sys.executable, str(REPO / "examples" / "cli" / "train.py"), "fit", "--config", str(tmp_path / "config.yaml")],
+        {},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "pl_pretrain: loaded pretrained parameters" in result.stdout + result.stderr
+    assert (tmp_path / "cli" / "pretrained" / "encoder.ckpt").read_bytes() == asset
+    assert s3.body_gets("cli/tiny-kws/pretrained.ckpt") == 1  # one read for the job, not one per rank
+    assert s3.extra["secret"] not in result.stdout + result.stderr

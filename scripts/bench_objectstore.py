@@ -1,0 +1,242 @@
+"""An object in S3: pl_pretrain against a direct s3fs get, and against every rank reading it, at 1, 2, 4, 8 ranks.
+
+moto's S3 server runs in a child process on 127.0.0.1, behind the tests' counting proxy
+(tests/objectstores.py), and holds one object of `--size` MiB. Every measurement runs on gloo
+ranks (tests/dist.py), so the client never shares a process with the server or the proxy:
+
+- 1 rank: ``fs.get_file`` of s3fs (its defaults: parts of 50 MiB read 10 at a time, and one
+  stream with ``max_concurrency=1``) against ``Pretrainer.collect_files`` (a metadata request,
+  then one streamed GET into a temporary file, renamed into place);
+- N ranks: every rank reading the object itself with s3fs into its own file, against
+  ``collect_files(internal_ddp_handling=True)`` (rank 0 reads once, every rank gets the path).
+
+Wall time runs from a barrier to the last rank holding the file on disk (nothing is loaded: the
+object is random bytes). The proxy counts the GETs of the object's bytes and the MiB it served.
+Writes docs/benchmarks/objectstore.md and docs/benchmarks/objectstore.png.
+
+    python scripts/bench_objectstore.py                   # 256 MiB, 1 2 4 8 ranks, best of 3 at 1 rank
+    python scripts/bench_objectstore.py --size 32 --ranks 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from dist import assert_all_ok, run_ranks  # noqa: E402  (the tests' gloo harness)
+from objectstores import Proxy, _s3_error, _s3_is_body  # noqa: E402  (the tests' counting proxy)
+
+KEY = "bench/model.bin"
+
+
+def job(rank: int, mode: str, url: str, folder: str) -> dict:
+    import torch.distributed as dist
+
+    dist.barrier()
+    started = time.time()
+    if mode in ("s3fs", "s3fs-1-stream"):
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(url, skip_instance_cache=True)
+        os.makedirs(folder, exist_ok=True)
+        local = os.path.join(folder, f"rank{rank}.bin")
+        fs.get_file(path, local, **({"max_concurrency": 1} if mode == "s3fs-1-stream" else {}))
+        size = os.path.getsize(local)
+    else:
+        import torch
+
+        from pl_pretrain import LocalStrategy, Pretrainer
+
+        pt = Pretrainer(folder, {"model": torch.nn.Linear(1, 1)}, paths={"model": url})
+        paths = pt.collect_files(internal_ddp_handling=True, local_strategy=LocalStrategy.COPY_SKIP_CACHE)
+        size = os.path.getsize(paths["model"])
+    return {"started": started, "finished": time.time(), "size": size}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_moto() -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return server, f"http://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.2)
+    server.kill()
+    raise RuntimeError("moto's server did not start")
+
+
+def run(proxy: Proxy, world: int, mode: str, url: str, work: pathlib.Path, size: int) -> dict:
+    folder = work / f"{mode}-{world}"
+    shutil.rmtree(folder, ignore_errors=True)
+    proxy.reset()
+    results = assert_all_ok(run_ranks(job, world, args=(mode, url, str(folder)), timeout=1800))
+    assert all(r["size"] == size for r in results), results
+    served = sum(r.bytes_sent for r in proxy.requests if _s3_is_body(r.method, r.path))
+    shutil.rmtree(folder, ignore_errors=True)
+    return {
+        "world": world,
+        "mode": mode,
+        "wall": max(r["finished"] for r in results) - min(r["started"] for r in results),
+        "gets": proxy.body_gets(KEY),
+        "requests": proxy.count(),
+        "served": served,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=256, help="object size in MiB")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each 1-rank measurement (the best counts)")
+    parser.add_argument("--out", type=pathlib.Path, default=REPO / "docs" / "benchmarks")
+    args = parser.parse_args()
+
+    import boto3
+
+    server, direct = start_moto()
+    proxy = Proxy(direct, _s3_is_body, _s3_error)
+    size = args.size * 2**20
+    env = {
+        "AWS_ENDPOINT_URL": proxy.url,
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    os.environ.update(env)
+    rows: list[dict] = []
+    try:
+        client = boto3.client("s3", endpoint_url=direct)
+        client.create_bucket(Bucket="models")
+        client.put_object(Bucket="models", Key=KEY, Body=os.urandom(size))
+        url = f"s3://models/{KEY}"
+        with tempfile.TemporaryDirectory(prefix="bench_objectstore_") as tmp:
+            work = pathlib.Path(tmp)
+            for mode in ("s3fs", "s3fs-1-stream", "pl_pretrain"):
+                runs = [run(proxy, 1, mode, url, work, size) for _ in range(args.repeat)]
+                best = min(runs, key=lambda r: r["wall"])
+                best["all"] = [r["wall"] for r in runs]
+                rows.append(best)
+                print(f"1 rank  {mode:14s} best {best['wall']:6.2f} s of {[f'{w:.2f}' for w in best['all']]}", flush=True)
+            for world in [w for w in args.ranks if w > 1]:
+                for mode in ("s3fs", "pl_pretrain"):
+                    row = run(proxy, world, mode, url, work, size)
+                    rows.append(row)
+                    print(
+                        f"{world} ranks {mode:14s} wall {row['wall']:6.2f} s GETs {row['gets']:3d} "
+                        f"served {row['served'] / 2**20:7.0f} MiB",
+                        flush=True,
+                    )
+    finally:
+        proxy.stop()
+        server.terminate()
+        server.wait(10)
+    write_report(args, rows, size)
+
+
+def write_report(args, rows: list[dict], size: int) -> None:
+    args.out.mkdir(parents=True, exist_ok=True)
+    one = {r["mode"]: r for r in rows if r["world"] == 1}
+    mib = size / 2**20
+
+    def rate(row: dict) -> float:
+        return mib * row["world"] / row["wall"] if row["mode"] != "pl_pretrain" else mib / row["wall"]
+
+    ours, direct, single = one["pl_pretrain"], one["s3fs"], one["s3fs-1-stream"]
+    lines = [
+        "# An object in S3: pl_pretrain against s3fs",
+        "",
+        f"One {mib:.0f} MiB object in moto's S3 server (a child process on 127.0.0.1), read through a counting "
+        "proxy; clients on gloo ranks (other processes), 2 CPU cores shared by server, proxy and ranks. Wall time "
+        "runs from a barrier to the last rank holding the file on disk. Produced by:",
+        "",
+        "```",
+        f"python scripts/bench_objectstore.py --size {args.size} --ranks {' '.join(map(str, args.ranks))} "
+        f"--repeat {args.repeat}",
+        "```",
+        "",
+        f"## One rank (best of {args.repeat})",
+        "",
+        "| client | wall s | MiB/s | of s3fs's throughput | GETs of the object | all requests |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for label, row in (
+        ("s3fs `get_file` (defaults: 50 MiB parts, 10 at a time)", direct),
+        ("s3fs `get_file(max_concurrency=1)`", single),
+        ("pl_pretrain `collect_files`", ours),
+    ):
+        lines.append(
+            f"| {label} | {row['wall']:.2f} | {rate(row):.0f} | {direct['wall'] / row['wall'] * 100:.0f} % | "
+            f"{row['gets']} | {row['requests']} |"
+        )
+    lines += [
+        "",
+        "## N ranks: every rank reads the object, or pl_pretrain reads it once",
+        "",
+        "| ranks | GETs (every rank / ours) | MiB served (every rank / ours) | wall s (every rank / ours) | time ratio |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    by = {(r["world"], r["mode"]): r for r in rows}
+    worlds = [1] + [w for w in args.ranks if w > 1]
+    for world in worlds:
+        n, o = by[(world, "s3fs")], by[(world, "pl_pretrain")]
+        lines.append(
+            f"| {world} | {n['gets']} / {o['gets']} | {n['served'] / 2**20:.0f} / {o['served'] / 2**20:.0f} | "
+            f"{n['wall']:.2f} / {o['wall']:.2f} | {n['wall'] / o['wall']:.2f}x |"
+        )
+    lines += [
+        "",
+        "pl_pretrain's requests per job: one metadata request (`HEAD`, the object's ETag and size) and one `GET` "
+        "of the body, whatever the number of ranks; s3fs's default `get_file` splits an object larger than its "
+        "block size into ranged GETs (plus the first GET, closed after its headers).",
+    ]
+    (args.out / "objectstore.md").write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    width = 0.38
+    xs = range(len(worlds))
+    for ax, field, label in ((axes[0], "gets", "GETs of the object"), (axes[1], "wall", "wall time (s)")):
+        for shift, mode, color, name in (
+            (-width / 2, "s3fs", "#c44e52", "every rank reads (s3fs)"),
+            (width / 2, "pl_pretrain", "#4c72b0", "pl_pretrain"),
+        ):
+            ax.bar([x + shift for x in xs], [by[(w, mode)][field] for w in worlds], width, label=name, color=color)
+        ax.set_xticks(list(xs), [str(w) for w in worlds])
+        ax.set_xlabel("ranks")
+        ax.set_ylabel(label)
+        ax.legend()
+    fig.suptitle(f"A {mib:.0f} MiB object from S3 (moto on loopback)")
+    fig.tight_layout()
+    fig.savefig(args.out / "objectstore.png", dpi=110)
+    print(f"wrote {args.out / 'objectstore.md'} and {args.out / 'objectstore.png'}")
+
+
+if __name__ == "__main__":
+    main()
