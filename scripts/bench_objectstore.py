@@ -139,7 +139,9 @@ def main() -> None:
                 best = min(runs, key=lambda r: r["wall"])
                 best["all"] = [r["wall"] for r in runs]
                 rows.append(best)
-                print(f"1 rank  {mode:14s} best {best['wall']:6.2f} s of {[f'{w:.2f}' for w in best['all']]}", flush=True)
+                print(
+                    f"1 rank  {mode:14s} best {best['wall']:6.2f} s of {[f'{w:.2f}' for w in best['all']]}", flush=True
+                )
             for world in [w for w in args.ranks if w > 1]:
                 for mode in ("s3fs", "pl_pretrain"):
                     row = run(proxy, world, mode, url, work, size)

@@ -14,7 +14,8 @@ so the proxy's log holds only what the code under test asked for.
   key, so a wrong account key is a real 403. It is looked for in $AZURITE_BLOB, then
   tests/.node/node_modules/.bin (where .ci/services.sh installs it), then $PATH.
 
-A store whose server is not installed is skipped with the command that installs it.
+A store whose server is not installed is skipped with the command that installs it, except under
+CI (``CI=true``), where .ci/run installs every one: there a missing server fails the test.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # each call waits 60 s against the emulator. Set before any test imports gcsfs.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 BUCKET = "models"
-INSTALL_HINT = "run .ci/services.sh (pip install -e '.[cloud,test-cloud]'; npm install azurite into tests/.node)"
+INSTALL_HINT = "pip install -e '.[test,cloud]', then bash .ci/services.sh (Azurite from npm into tests/.node)"
 
 # Azurite's documented development account (public, the same in every Azurite install).
 AZURITE_ACCOUNT = "devstoreaccount1"
@@ -53,6 +54,14 @@ AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1
 
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade", "te", "trailer"}
 _PIECE = 1024 * 1024
+
+
+def _absent(what: str) -> None:
+    """Skips the test for want of a server, or fails it under CI, which must have installed every one."""
+    message = f"{what}: {INSTALL_HINT}"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI must run the object-store tests, but {message}")
+    pytest.skip(message)
 
 
 def _free_port() -> int:
@@ -323,10 +332,11 @@ def start_s3() -> Store:
     """Starts moto's S3 with authentication on, a bucket `BUCKET`, and a versioned bucket ``versioned``."""
     try:
         import boto3
+        import s3fs  # noqa: F401  (the backend under test)
         from moto import settings
         from moto.server import ThreadedMotoServer
     except ImportError:
-        pytest.skip(f"moto[server] and boto3 are not installed: {INSTALL_HINT}")
+        _absent("moto[server] and boto3 are not installed")
     for name in ("werkzeug", "moto"):
         logging.getLogger(name).setLevel(logging.ERROR)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -404,7 +414,7 @@ def start_gcs() -> Store:
         import gcsfs
         from gcp_storage_emulator.server import create_server
     except ImportError:
-        pytest.skip(f"gcp-storage-emulator and gcsfs are not installed: {INSTALL_HINT}")
+        _absent("gcp-storage-emulator and gcsfs are not installed")
     logging.getLogger("gcp_storage_emulator").setLevel(logging.ERROR)
     port = _free_port()
     server = create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
@@ -477,9 +487,9 @@ def start_azure() -> Store:
     try:
         import adlfs
     except ImportError:
-        pytest.skip(f"adlfs is not installed: {INSTALL_HINT}")
+        _absent("adlfs is not installed")
     if binary is None or shutil.which("node") is None:
-        pytest.skip(f"Azurite (azurite-blob) or node is not installed: {INSTALL_HINT}")
+        _absent("Azurite (azurite-blob) or node is not installed")
     port = _free_port()
     workspace = tempfile.mkdtemp(prefix="azurite_")
     process = subprocess.Popen(

@@ -19,6 +19,9 @@ from test_faults import FAST, FILE, KEY, _everything_said, collect, collect_fail
 from pl_pretrain import FetchConfig, LocalStrategy, PretrainerCallback
 from pl_pretrain.errors import FetchError
 
+# Real servers, one of them (Azurite) in another process.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def weights():

@@ -20,6 +20,9 @@ from pl_pretrain import FetchConfig, FetchFrom, LocalStrategy, Pretrainer, fetch
 from pl_pretrain.errors import ChecksumError, ConfigurationError, OfflineError
 from pl_pretrain.fetching import RECORD_DIR, fetch_file
 
+# Real servers, one of them (Azurite) in another process.
+pytestmark = pytest.mark.slow
+
 KEY = "encoder"
 
 
