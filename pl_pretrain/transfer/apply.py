@@ -1,9 +1,14 @@
 """The plan/check/apply engine: `torch_parameter_transfer` and its dry runs, `plan_transfer` and `diagnose_transfer`.
 
 A transfer is planned first (the file read through a memory map, keys mapped and matched), then
-checked (shapes, strictness, meta tensors), and only then applied, one tensor copy at a time:
-a transfer that fails leaves the module as it was. Planning and applying stay separate so that
-the dry runs are the real transfer's own code.
+checked (shapes, strictness, meta tensors, sharded targets), and only then applied, one tensor
+copy at a time: a transfer that fails leaves the module as it was. Planning and applying stay
+separate so that the dry runs are the real transfer's own code.
+
+Sharded targets (``DTensor`` parameters and buffers: FSDP2, tensor parallel) are planned and
+checked on their global shapes, so every process of a job reaches the same verdict and the same
+report; each then copies only the part of each tensor it holds (`dtensor.local_part`) from the
+memory-mapped file into its local tensor.
 """
 
 from __future__ import annotations
@@ -11,12 +16,13 @@ from __future__ import annotations
 import itertools
 import pathlib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
 
-from pl_pretrain.errors import TransferError
+from pl_pretrain.errors import ConfigurationError, TransferError
+from pl_pretrain.transfer.dtensor import LocalPart, is_dtensor, local_part
 from pl_pretrain.transfer.keys import _rename, _selected
 from pl_pretrain.transfer.options import PathLike, TransferOptions
 from pl_pretrain.transfer.readers import read_state_dict
@@ -55,6 +61,7 @@ def torch_parameter_transfer(
     path = pathlib.Path(path)
     plan = _plan(obj, path, options, shard_dir)
     _check(obj, path, plan.report, options, plan.filled)
+    plan.parts = _local_parts(obj, plan, options)
     return _apply(obj, plan, options)
 
 
@@ -120,12 +127,13 @@ def diagnose_transfer(
         _check(obj, path, report, options, plan.filled, meta=not shapes_only)
     except TransferError as failed:
         error = failed
+    parts = _local_parts(obj, plan, options)
     for name, _ in plan.pairs:
         tensor = plan.target[name]
+        itemsize = _dtype_for(tensor, options).itemsize  # what `_apply` counts once the tensor is placed
         report.loaded.append(name)
-        report.bytes += (
-            tensor.numel() * _dtype_for(tensor, options).itemsize
-        )  # what `_apply` counts once the tensor is placed
+        report.bytes += tensor.numel() * itemsize
+        report.local_bytes += (parts[name].numel if name in parts else tensor.numel()) * itemsize
     report.loaded.extend(plan.tied)
     return report, error
 
@@ -141,6 +149,8 @@ class _Plan:
         pairs: (target key, file key) for each tensor to copy.
         tied: target keys filled through a tied tensor listed in `pairs`.
         filled: ids of the target tensors the file will fill.
+        parts: target key -> the part of the full tensor a sharded (DTensor) target holds
+            here; filled once the checks have passed.
     """
 
     report: TransferReport
@@ -149,6 +159,7 @@ class _Plan:
     pairs: list[tuple[str, str]]
     tied: list[str]
     filled: set[int]
+    parts: dict[str, LocalPart] = field(default_factory=dict)
 
 
 def _plan(obj: torch.nn.Module, path: pathlib.Path, options: TransferOptions, shard_dir: PathLike | None) -> _Plan:
@@ -189,9 +200,17 @@ def _apply(obj: torch.nn.Module, plan: _Plan, options: TransferOptions) -> Trans
         target = obj.state_dict(keep_vars=True)
         for name, key in plan.pairs:
             tensor = target[name]
-            tensor.copy_(plan.source[key])
+            part = plan.parts.get(name)
+            if part is None:
+                tensor.copy_(plan.source[key])
+                report.local_bytes += tensor.numel() * tensor.element_size()
+            else:
+                # Only this part of the mapped file is read, straight into the local shard.
+                local = tensor.to_local()
+                local.copy_(part.read(plan.source[key]))
+                report.local_bytes += local.numel() * local.element_size()
             report.loaded.append(name)
-            report.bytes += tensor.numel() * tensor.element_size()
+            report.bytes += tensor.numel() * tensor.element_size()  # a DTensor's numel() is the global one
     report.loaded.extend(plan.tied)
     plan.source = {}  # releases the file mappings now, not whenever the caller drops the plan
     return report
@@ -239,6 +258,35 @@ def _check(
             f"values: {_few(on_meta, 5)}.",
             hint="Give TransferOptions(device='cpu') (or another device) and a file that holds every such key.",
         )
+
+
+def _local_parts(obj: torch.nn.Module, plan: _Plan, options: TransferOptions) -> dict[str, LocalPart]:
+    """Returns target key -> local part for every sharded target the plan fills; raises before any copy.
+
+    Raises:
+        ConfigurationError: a placement no part of a file can fill (``Partial``), or ``dtype`` /
+            ``device`` options that would re-allocate a sharded tensor (its shards belong to FSDP
+            or tensor parallelism, which must set them).
+    """
+    parts: dict[str, LocalPart] = {}
+    for name, tensor in _named_tensors(obj):
+        if not is_dtensor(tensor):
+            continue
+        dtype = _dtype_for(tensor, options)
+        device = options.device if options.device is not None else tensor.device
+        if dtype != tensor.dtype or device != tensor.device:
+            raise ConfigurationError(
+                f"TransferOptions(dtype={options.dtype!r}, device={options.device!r}) would re-allocate "
+                f"'{name}' of {type(obj).__name__}, which is sharded (a DTensor on {tensor.device}, "
+                f"{tensor.dtype}). Nothing was loaded.",
+                hint="Give the model its dtype and device before sharding it (model.to(...) before "
+                "fully_shard / parallelize_module, or FSDP2's MixedPrecisionPolicy), and drop these options.",
+            )
+    for name, _ in plan.pairs:
+        tensor = plan.target[name]
+        if is_dtensor(tensor):
+            parts[name] = local_part(name, tensor)
+    return parts
 
 
 def _details(report: TransferReport) -> str:

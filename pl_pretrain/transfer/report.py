@@ -26,7 +26,8 @@ class TransferReport:
             (only with ``on_mismatch="skip"``; the default raises instead).
         format: the file's format: "torch", "torch-legacy", "lightning", "safetensors",
             "sharded-safetensors" or "sharded-torch" (shards of both kinds: "sharded-safetensors+torch").
-        bytes: bytes copied into the target.
+        bytes: bytes copied into the target; for a sharded (DTensor) target, the size of the
+            full tensors, the same in every process.
         excluded: keys left out on purpose by ``include`` / ``exclude`` / ``key_map`` or by the
             detected `prefix`: target keys keep their values, file keys are not read. Each is
             named as the target key when there is one, else as the file's key (outside the
@@ -34,6 +35,8 @@ class TransferReport:
         prefix: the prefix found in front of every target key in the file and stripped (e.g.
             ``"encoder."`` when the file is a LightningModule checkpoint and the target is its
             ``encoder``); ``""`` when keys matched as they are or a `key_map` was given.
+        local_bytes: bytes this process copied: `bytes` for a dense target, only the local
+            shards' size for a sharded (DTensor) one.
     """
 
     source: pathlib.Path
@@ -45,6 +48,7 @@ class TransferReport:
     bytes: int = 0
     excluded: list[str] = field(default_factory=list)
     prefix: str = ""
+    local_bytes: int = 0
 
     @property
     def complete(self) -> bool:
@@ -66,6 +70,7 @@ class TransferReport:
             "source": str(self.source),
             "format": self.format,
             "bytes": self.bytes,
+            "local_bytes": self.local_bytes,
             "loaded": list(self.loaded),
             "missing": list(self.missing),
             "unexpected": list(self.unexpected),
