@@ -128,3 +128,20 @@ class MetaModel(_Recording):
         with torch.device("meta"):
             self.encoder = encoder()
             self.head = CountingLinear(8, 1)  # not in the pretrained file
+
+
+class Scale(torch.nn.Module):
+    """A module with a parameter and no reset_parameters(): nothing can initialise it after meta."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(8))
+
+
+class MetaModelWithScale(MetaModel):
+    def configure_model(self) -> None:
+        if hasattr(self, "encoder"):
+            return
+        super().configure_model()
+        with torch.device("meta"):
+            self.scale = Scale()

@@ -124,6 +124,8 @@ def load_refused(rank: int, folder: str, collect_in: str, case: str) -> dict[str
             path = write_sources(pathlib.Path(folder))["decoder"]
     if case == "strict":
         options = TransferOptions(strict=True)
+    if case == "dtype":
+        options = TransferOptions(dtype="bfloat16")  # would re-allocate shards that FSDP owns
     if case == "partial":
         # A pending reduction holds no slice of a full tensor: no file can fill it.
         mesh = init_device_mesh("cpu", (dist.get_world_size(),))

@@ -18,7 +18,7 @@ import yaml
 from helpers import ckpt_bytes, digest
 from lightning.pytorch.callbacks import BaseFinetuning
 from lightning.pytorch.loggers import CSVLogger
-from lightning_models import LateModel, MetaModel, Model, Nested, encoder
+from lightning_models import LateModel, MetaModel, MetaModelWithScale, Model, Nested, encoder
 
 from pl_pretrain import FetchConfig, Pretrainer, PretrainerCallback
 from pl_pretrain.callback import load_pretrained
@@ -115,6 +115,13 @@ def test_layers_built_on_meta_get_the_file_and_a_new_head_its_own_init_once(tmp_
     start = records("run", "train_start")[0]
     assert start["encoder"] == expected
     assert start["head_finite"] and start["head_inits"] == 1  # reset_parameters() on real memory, once
+
+
+def test_a_module_on_meta_without_reset_parameters_is_named_in_a_warning(tmp_path, pretrained):
+    folder, _ = pretrained
+    cb = PretrainerCallback(collect_in=tmp_path / "c", loadables={"encoder": "encoder"}, default_source=str(folder))
+    with pytest.warns(UserWarning, match="Scale had tensors on the meta device and no reset_parameters"):
+        trainer(tmp_path, [cb]).fit(MetaModelWithScale())
 
 
 def test_missing_attribute_lists_what_exists(tmp_path, pretrained):

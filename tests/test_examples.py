@@ -161,3 +161,15 @@ def test_the_hub_example_loads_the_encoder_from_a_repo_id_at_a_revision(tmp_path
     assert pathlib.Path(os.path.realpath(out / "pretrained" / "encoder.ckpt")).is_relative_to(
         os.environ["HF_HUB_CACHE"]
     )
+
+
+def test_sharded_example_fills_each_rank_shards(tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, str(REPO / "examples" / "sharded_finetune.py"), "--out", str(out), "--max-epochs", "1"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((out / f"result-rank{r}.json").read_text()) for r in range(2)]
+    for rank in ranks:
+        assert rank["loaded"] == ["layers.0.weight", "layers.0.bias", "layers.2.weight", "layers.2.bias"]
+        assert rank["local_bytes"] * 2 == rank["bytes"]  # FSDP2 over 2 ranks: each copied half of every tensor
+    assert "validation accuracy after fine-tuning" in result.stdout + result.stderr

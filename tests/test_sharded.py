@@ -115,7 +115,9 @@ def test_sharded_load_sends_no_tensor_bytes_through_the_process_group(tmp_path):
         ("mismatch", "TransferError", "weight: file [5, 7] vs model [7, 7]"),
         ("strict", "TransferError", "Strict transfer"),
         ("partial", "ConfigurationError", "Partial"),
+        ("dtype", "ConfigurationError", "which is sharded (a DTensor"),
     ],
+    ids=["mismatch", "strict", "partial", "dtype"],
 )
 def test_a_load_that_cannot_succeed_fails_on_every_rank_before_any_shard_is_touched(tmp_path, case, error_type, says):
     results = run_ranks(load_refused, 2, args=(str(tmp_path), str(tmp_path / "collected"), case), timeout=240)
