@@ -5,6 +5,8 @@ with ``torch.save`` (.ckpt) and as .safetensors, then measures side by side, eac
 process with a warm page cache:
 
 - ``floor``: one copy of the same bytes, already in memory, into the parameters (the best possible);
+- ``floor-bf16``: the conversion floor: the same fp32 tensors, already in memory, ``copy_``'d into
+  bf16 parameters (allocated and written before the clock): the least a converting load can do;
 - ``speechbrain-ckpt``: SpeechBrain's default hook, ``model.load_state_dict(torch.load(path), strict=False)``;
 - ``naive-safetensors``: ``model.load_state_dict(safetensors.torch.load_file(path), strict=False)``;
 - ``ours-ckpt`` / ``ours-safetensors``: ``pl_pretrain.torch_parameter_transfer(model, path)``;
@@ -56,10 +58,19 @@ GiB = 1024**3
 MiB = 1024**2
 DIM = 2048  # a block is a DIM x DIM linear layer with bias and a LayerNorm: 4 tensors, ~16 MiB
 
-SINGLE = ["floor", "speechbrain-ckpt", "naive-safetensors", "ours-ckpt", "ours-safetensors", "ours-ckpt-bf16"]
+SINGLE = [
+    "floor",
+    "floor-bf16",
+    "speechbrain-ckpt",
+    "naive-safetensors",
+    "ours-ckpt",
+    "ours-safetensors",
+    "ours-ckpt-bf16",
+]
 CONCURRENT = ["speechbrain-ckpt", "ours-ckpt", "ours-safetensors"]
 DESCRIPTION = {
     "floor": "copy of the same bytes from memory into the parameters",
+    "floor-bf16": "fp32 -> bf16 `copy_` of the same tensors from memory into bf16 parameters (the conversion floor)",
     "speechbrain-ckpt": "`load_state_dict(torch.load(path), strict=False)` (SpeechBrain's default hook)",
     "naive-safetensors": "`load_state_dict(safetensors.torch.load_file(path), strict=False)`",
     "ours-ckpt": "`torch_parameter_transfer(model, path)` on the .ckpt",
@@ -146,7 +157,9 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     ckpt, safetensors_path = spec["ckpt"], spec["safetensors"]
     model = build_model(blocks)
     source = None
-    if variant == "floor":
+    if variant == "floor-bf16":
+        model = model.to(torch.bfloat16)  # allocated and written before the clock, as the floor's fp32 model
+    if variant.startswith("floor"):
         source = torch.load(ckpt, map_location="cpu", weights_only=True)  # in private memory, faulted in
     if variant == "ours-ckpt-bf16":
         from pl_pretrain import TransferOptions
@@ -154,7 +167,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         options = TransferOptions(dtype="bfloat16")
 
     def run() -> None:
-        if variant == "floor":
+        if variant.startswith("floor"):
             with torch.no_grad():
                 for name, tensor in model.state_dict(keep_vars=True).items():
                     tensor.copy_(source[name])
@@ -394,7 +407,8 @@ def report(args: argparse.Namespace, size: int, single: dict, concurrent: list, 
         )
     lines += [
         "",
-        "`ours-ckpt-bf16` converts an fp32 model to bf16 while loading: each parameter is replaced by a "
+        f"`ours-ckpt-bf16` against the conversion floor (`floor-bf16`): {ratio('ours-ckpt-bf16', 'floor-bf16')} "
+        "(best / median). It converts an fp32 model to bf16 while loading: each parameter is replaced by a "
         "new, empty bf16 tensor that the copy fills from the file, one tensor at a time, so it pays for "
         "fresh memory pages and the conversion, not for a second full copy (its private memory column).",
     ]
@@ -402,6 +416,7 @@ def report(args: argparse.Namespace, size: int, single: dict, concurrent: list, 
     speedups = {v: (best["speechbrain-ckpt"] / best[v], med["speechbrain-ckpt"] / med[v]) for v in ours}
     floors = {v: (best[v] / best["floor"], med[v] / med["floor"]) for v in ours}
     private = {v: 100 * peak[v] / size_kib for v in ours}
+    conversion = (best["ours-ckpt-bf16"] / best["floor-bf16"], med["ours-ckpt-bf16"] / med["floor-bf16"])
     targets = [
         (
             ">= 4x faster than the SpeechBrain-style path (warm cache)",
@@ -412,6 +427,11 @@ def report(args: argparse.Namespace, size: int, single: dict, concurrent: list, 
             "within 2x of the copy floor",
             ", ".join(f"{v}: {a:.2f}x / {b:.2f}x" for v, (a, b) in floors.items()),
             _verdict([a <= 2 for a, _ in floors.values()], [b <= 2 for _, b in floors.values()]),
+        ),
+        (
+            "fp32 file into bf16 parameters within 1.5x of the conversion floor",
+            f"ours-ckpt-bf16: {conversion[0]:.2f}x / {conversion[1]:.2f}x",
+            _verdict([conversion[0] <= 1.5], [conversion[1] <= 1.5]),
         ),
         (
             "private memory added <= 5% of the checkpoint (worst run)",
@@ -471,7 +491,9 @@ def report(args: argparse.Namespace, size: int, single: dict, concurrent: list, 
         "before. The model's parameters are allocated before and are not counted. Pages of a memory-mapped "
         "file are page cache, shared by every process on the node, and show as `RssFile`, not `RssAnon`.",
         "- The copy floor copies the same tensors, already loaded into private memory before the clock "
-        "starts, into the parameters: one memory copy, the least any loader can do.",
+        "starts, into the parameters: one memory copy, the least any loader can do. The conversion floor "
+        "(`floor-bf16`) does the same into bf16 parameters: one converting copy, the least a load that "
+        "changes the dtype can do.",
         "- Every run checks that the parameters hold the file's values.",
         "- The machine is shared and noisy: compare the ratios of one run, not absolute times across runs.",
         "",
@@ -508,7 +530,8 @@ def plot(single: dict, concurrent: list, size: int, path: pathlib.Path) -> None:
     high = [max(r["wall_s"] for r in single[v]) for v in names]
     peak = [max(r["anon_peak_added_kib"] for r in single[v]) / 1024 for v in names]
     colors = [
-        "#999999" if v == "floor" else "#d62728" if v.startswith(("speechbrain", "naive")) else "#1f77b4" for v in names
+        "#999999" if v.startswith("floor") else "#d62728" if v.startswith(("speechbrain", "naive")) else "#1f77b4"
+        for v in names
     ]
     panels = 3 if concurrent else 2
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.8))
