@@ -283,7 +283,7 @@ class PretrainerCallback(Callback):
                 source = str(getattr(source, "path", source))
                 path = filename if source == "./" else f"{source.rstrip('/')}/{filename}"
             out[key] = {
-                "path": redact_url(path) if path is not None and "://" in path else path,
+                "path": redact_url(path, self.fetch_config.shown_query) if path is not None and "://" in path else path,
                 "revision": self.fetch_config.revision,
                 "checksum": pt.checksums.get(key),
             }

@@ -281,7 +281,7 @@ class Pretrainer:
     def _fetch_one(
         self, key: str, source: Source, filename: str, strategy: LocalStrategy, config: FetchConfig
     ) -> Fetched:
-        shown = _show_source(source)
+        shown = _show_source(source, config.shown_query)
         expected = parse_checksum(self.checksums[key], key=key) if key in self.checksums else None
         try:
             fetched = fetch_file(
@@ -470,13 +470,13 @@ def _check_key(key: Any) -> None:
         ) from None
 
 
-def _show_source(source: Source) -> str:
+def _show_source(source: Source, shown_query: tuple[str, ...] = ()) -> str:
     try:
         fetch_from, text = guess_source(source)
     except PretrainerError:
         return os.fspath(source) if not isinstance(source, FetchSource) else str(source.path)
     if fetch_from is FetchFrom.URI:
-        return redact_url(text)
+        return redact_url(text, shown_query)
     return text
 
 

@@ -3,7 +3,10 @@
 Both run in a thread of the test process on 127.0.0.1, record every request they get (so a test
 can count downloads; `arrivals` counts requests as they arrive, before any answer, so a stalled
 one counts too), and can misbehave on purpose (drop a connection half-way, answer 500 first,
-announce more bytes than they send, send slowly; the Hub can also announce a false ETag).
+announce more bytes than they send, send slowly, close without answering, echo the client's
+``Authorization`` header in an error body as some proxies do; the Hub can also announce a false
+ETag). A fault hits GET requests unless told otherwise (``methods=("HEAD", "GET")``): the Hub's
+metadata request is a HEAD, and a stand-in that never fails it hides every bug of that path.
 
 `HubServer` answers what ``huggingface_hub.hf_hub_download`` asks for:
 ``HEAD``/``GET /{repo_id}/resolve/{revision}/{filename}`` with ``ETag``, ``X-Repo-Commit`` and
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import json
 import socket
 import threading
 import time
@@ -40,11 +44,15 @@ class Fault:
 
     Attributes:
         kind: "drop" (close after half the body), "status" (answer `status` first), "short"
-            (announce the full length, send half), "slow" (sleep `delay` seconds per 64 KiB).
-        times: how many GET requests misbehave before the server answers normally (-1: always).
+            (announce the full length, send half), "slow" (sleep `delay` seconds per 64 KiB),
+            "close" (close the connection without answering: a reset, as a dead proxy gives).
+        times: how many requests misbehave before the server answers normally (-1: always).
         status: the status code for kind "status".
         delay: seconds per chunk for kind "slow".
         chunk: bytes per chunk for kind "slow".
+        methods: the request methods that misbehave.
+        echo_authorization: for kind "status", answer the request's ``Authorization`` header in
+            the error's body and ``X-Error-Message`` (a mirror or proxy that echoes it).
     """
 
     kind: str
@@ -52,6 +60,8 @@ class Fault:
     status: int = 500
     delay: float = 0.05
     chunk: int = 65536
+    methods: tuple[str, ...] = ("GET",)
+    echo_authorization: bool = False
 
 
 def _lower(headers) -> dict[str, str]:
@@ -123,11 +133,9 @@ class _Base:
             self.requests.append(request)
 
     def _fault_for(self, path: str, method: str) -> Fault | None:
-        if method != "GET":
-            return None
         with self._lock:
             for part, fault in self.faults.items():
-                if part in path and fault.times != 0:
+                if part in path and fault.times != 0 and method in fault.methods:
                     if fault.times > 0:
                         fault.times -= 1
                     return fault
@@ -157,11 +165,23 @@ class _Base:
         sent = 0
         # Logged before answering: a client never gets an answer the log does not hold yet, so a
         # test that clears the log after its last request cannot receive a late entry.
+        if fault is not None and fault.kind == "close":
+            self._log(Request(method, h.path, 0, _lower(h.headers)))
+            h.close_connection = True
+            h.connection.shutdown(socket.SHUT_RDWR)
+            return
         if fault is not None and fault.kind == "status":
             self._log(Request(method, h.path, fault.status, _lower(h.headers)))
+            said = f"upstream refused the request with Authorization: {h.headers.get('Authorization')}"
+            error_body = json.dumps({"error": said}).encode() if fault.echo_authorization else b""
             h.send_response(fault.status)
-            h.send_header("Content-Length", "0")
+            if fault.echo_authorization:
+                h.send_header("Content-Type", "application/json")
+                h.send_header("X-Error-Message", said)
+            h.send_header("Content-Length", str(len(error_body)))
             h.end_headers()
+            if method == "GET":
+                h.wfile.write(error_body)
             return
         entry = Request(method, h.path, status, _lower(h.headers))
         self._log(entry)

@@ -120,7 +120,9 @@ def _assert_cells(results, meta, sources, http_server, hub):
         if with_folder and strategy is not LocalStrategy.NO_LINK:
             assert path.endswith(f"/collect/{name}/encoder.ckpt"), (name, path)
         assert sources.gets(kind, name) == (0 if already else int(kind != "local")), f"{name}: downloads"
-        assert sources.heads(kind, name) <= 1, f"{name}: more than one rank asked the Hub"
+        # One fetch asks the Hub twice: our metadata request (retried by FetchConfig.retries), then
+        # hf_hub_download's own. A second rank asking would make it four.
+        assert sources.heads(kind, name) <= 2, f"{name}: more than one rank asked the Hub"
 
 
 @pytest.mark.parametrize("kinds", [["local", "url", "hub"], ["s3"]], ids=["local-url-hub", "s3"])

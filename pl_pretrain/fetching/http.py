@@ -19,12 +19,12 @@ import urllib.parse
 import urllib.request
 
 from pl_pretrain._constants import cache_root
-from pl_pretrain.errors import FetchError, OfflineError
+from pl_pretrain.errors import ConfigurationError, FetchError, OfflineError
 from pl_pretrain.fetching.kinds import Request, SourceKind
 from pl_pretrain.fetching.network import _network_allowed, _offline_state, _progress_bar, _retrying, _Transient
 from pl_pretrain.fetching.placement import _move, _tmp_beside
 from pl_pretrain.fetching.records import _begin_placing, _finish_placing, _identity, _record_of, _reusable
-from pl_pretrain.fetching.redaction import _redact_filename, _scrub, _url_secrets, redact_url
+from pl_pretrain.fetching.redaction import _redact_filename, _scrub, _url_secrets, redact_url, unescaped_password
 from pl_pretrain.fetching.sources import FetchConfig, Fetched, FetchFrom
 
 _NET_CHUNK = 1024 * 1024  # smaller reads let the disk write while the network delivers
@@ -38,6 +38,18 @@ class HttpKind(SourceKind):
     def shown(self, source: str) -> str:
         return redact_url(source)
 
+    def check(self, request: Request) -> None:
+        url = _join_url(request.source, request.filename)
+        if unescaped_password(url):
+            shown = redact_url(url)
+            raise ConfigurationError(
+                f"The address '{shown}' holds a password with an unescaped '#', '/' or '?', which would end "
+                "its host part early (and send the password as a path); nothing was requested.",
+                source=redact_url(request.source),
+                hint="Percent-encode those characters in the password ('#' as %23, '/' as %2F, '?' as %3F), "
+                "for example with urllib.parse.quote(password, safe='').",
+            )
+
     def default_name(self, filename: str) -> str:
         return super().default_name(filename).partition("?")[0]  # a query (?token=...) is not part of the name
 
@@ -48,15 +60,16 @@ class HttpKind(SourceKind):
         savedir, save_filename, config = request.savedir, request.save_filename, request.config
         assert savedir is not None
         dst = request.destination
-        shown_source = redact_url(request.source)
-        identity = _identity(FetchFrom.URI, shown_source, _redact_filename(request.filename), config.revision)
+        shown_source = redact_url(request.source, config.shown_query)
+        shown_filename = _redact_filename(request.filename, config.shown_query)
+        identity = _identity(FetchFrom.URI, shown_source, shown_filename, config.revision)
         reused = _reusable(savedir, save_filename, identity, request.strategy, config)
         if reused is not None:
             return reused
         url = _join_url(request.source, request.filename)
         if not _network_allowed(config):
             raise OfflineError(
-                f"'{redact_url(url)}' has not been collected into '{savedir}', and the network is off "
+                f"'{redact_url(url, config.shown_query)}' has not been collected into '{savedir}', and the network is off "
                 f"({_offline_state(config)}).",
                 source=shown_source,
                 hint="Fetch it once with network (for example `pl-pretrain fetch`), or allow the network.",
@@ -67,7 +80,8 @@ class HttpKind(SourceKind):
             _move(tmp, dst, shown_source)
         finally:
             tmp.unlink(missing_ok=True)
-        placed = Fetched(dst, FetchFrom.URI, shown_source, identity["filename"], redact_url(url), sha256=sha, size=size)
+        location = redact_url(url, config.shown_query)
+        placed = Fetched(dst, FetchFrom.URI, shown_source, shown_filename, location, sha256=sha, size=size)
         _finish_placing(savedir, save_filename, _record_of(placed, identity, request.strategy), shown_source)
         return placed
 
@@ -104,9 +118,9 @@ def _download_url(url: str, dst: pathlib.Path, config: FetchConfig, *, source: s
 
     The caller renames the file into place (or removes it).
     """
-    safe_url = redact_url(url)
+    safe_url = redact_url(url, config.shown_query)
     request_url, authorization = _split_credentials(url)
-    secrets = _url_secrets(url)
+    secrets = _url_secrets(url, config.shown_query)
 
     def attempt() -> tuple[pathlib.Path, str, int]:
         tmp = _tmp_beside(dst)

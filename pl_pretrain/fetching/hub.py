@@ -9,18 +9,23 @@ its ETag names, transient failures are retried, and no token appears in an error
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import pathlib
 import re
 import shutil
+from collections.abc import Callable
 
 from pl_pretrain.errors import ChecksumError, FetchError, OfflineError
 from pl_pretrain.fetching.integrity import _is_sha256, _remove_hub_entry, file_sha256
 from pl_pretrain.fetching.kinds import Request, SourceKind
-from pl_pretrain.fetching.network import _network_allowed, _offline_state, _retrying, _Transient
+from pl_pretrain.fetching.network import _network_allowed, _offline, _offline_state, _retrying, _Transient
 from pl_pretrain.fetching.placement import _move, _place, _scratch_dir
 from pl_pretrain.fetching.records import _begin_placing, _finish_placing, _identity, _record_of, _reusable
+from pl_pretrain.fetching.redaction import _scrub, scrubbed_chain
 from pl_pretrain.fetching.sources import FetchConfig, Fetched, FetchFrom, LocalStrategy
+
+logger = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
 
@@ -182,97 +187,164 @@ def _hub_download(
     source: str,
     local_only: bool,
 ) -> pathlib.Path:
-    """Returns the path of the file in the Hub cache, downloading it with retries when needed."""
-    import httpx2
-    from huggingface_hub import errors as hf_errors
-    from huggingface_hub import hf_hub_download
+    """Returns the path of the file in the Hub cache, downloading it with retries when needed.
+
+    With the network on, the file's metadata is asked for first (``get_hf_file_metadata``, which
+    huggingface_hub does not retry): a failing Hub is then retried by `FetchConfig.retries` and
+    reported with its real status, instead of huggingface_hub's own ~25 s of retries ending in
+    "check your connection". A file already in the Hub cache is still used when the Hub is down.
+    """
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
 
     location = f"hub repo '{repo_id}'" + (f" at revision '{config.revision}'" if config.revision else "")
     shown = f"{subfolder}/{filename}" if subfolder else filename
+    secrets = _token_secrets(config)
+
+    def download(local_files_only: bool) -> pathlib.Path:
+        return pathlib.Path(
+            hf_hub_download(
+                repo_id=repo_id,
+                filename=filename,
+                subfolder=subfolder,
+                revision=config.revision,
+                cache_dir=cache_dir,
+                token=config.token,
+                local_files_only=local_files_only,
+                etag_timeout=config.timeout,
+                library_name="pl-pretrain",
+            )
+        )
 
     def attempt() -> pathlib.Path:
-        try:
-            return pathlib.Path(
-                hf_hub_download(
-                    repo_id=repo_id,
-                    filename=filename,
-                    subfolder=subfolder,
-                    revision=config.revision,
-                    cache_dir=cache_dir,
-                    token=config.token,
-                    local_files_only=local_only,
-                    etag_timeout=config.timeout,
-                    library_name="pl-pretrain",
+        # Every failure is translated outside its `except`, so that the raised error carries only
+        # the scrubbed copy of its cause, and no `__context__` holding the original (and a token).
+        failure: BaseException | None = None
+        if not local_only:
+            try:
+                url = hf_hub_url(repo_id, filename, subfolder=subfolder, revision=config.revision)
+                get_hf_file_metadata(url, token=config.token, timeout=config.timeout, library_name="pl-pretrain")
+            except Exception as error:
+                failure = _translated(error, config, location, shown, repo_id, source, secrets)
+            if isinstance(failure, _Transient) and (cached := _cached_copy(download)) is not None:
+                logger.warning(
+                    "The Hub could not be reached for '%s' from %s (%s); using the copy in the Hugging Face cache.",
+                    shown,
+                    location,
+                    failure,
                 )
-            )
-        except (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled) as error:
-            raise OfflineError(
-                f"'{shown}' from {location} is not in the Hugging Face cache, and the network is off "
-                f"({_offline_state(config)}).",
-                source=source,
-                hint="Fetch it once with network (for example `pl-pretrain fetch` on a login node), or allow the network.",
-            ) from _without_token(error, config)
-        except (hf_errors.RemoteEntryNotFoundError, hf_errors.EntryNotFoundError) as error:
-            raise FetchError(
-                f"File '{shown}' does not exist in {location} (404).",
-                source=source,
-                hint="Check the file name in `paths`, or the revision.",
-            ) from _without_token(error, config)
-        except hf_errors.RevisionNotFoundError as error:
-            raise FetchError(
-                f"Revision '{config.revision}' does not exist in hub repo '{repo_id}' (asked for '{shown}').",
-                source=source,
-                hint="Check FetchConfig(revision=...).",
-            ) from _without_token(error, config)
-        except hf_errors.GatedRepoError as error:
-            raise FetchError(
-                f"Hub repo '{repo_id}' is gated and this token has no access to '{shown}' (HTTP {_status(error)}).",
-                source=source,
-                hint="Accept the repo's conditions on the Hub, then use a token of that account.",
-            ) from _without_token(error, config)
-        except hf_errors.RepositoryNotFoundError as error:
-            raise FetchError(
-                f"Could not fetch '{shown}': hub repo '{repo_id}' was not found, or it is private and the request "
-                f"was not authorised (HTTP {_status(error)}).",
-                source=source,
-                hint="Check the repo id; for a private repo set HF_TOKEN or FetchConfig(token=...).",
-            ) from _without_token(error, config)
-        except hf_errors.HfHubHTTPError as error:
-            status = _status(error)
-            if status in (401, 403):
-                raise FetchError(
-                    f"The Hub refused '{shown}' from {location} (HTTP {status}).",
-                    source=source,
-                    hint="Set HF_TOKEN or FetchConfig(token=...) to a token that can read this repo.",
-                ) from _without_token(error, config)
-            if status is None or status >= 500 or status in (408, 429):
-                raise _Transient(f"HTTP {status} from the Hub") from _without_token(error, config)
-            raise FetchError(
-                f"The Hub answered HTTP {status} for '{shown}' from {location}.", source=source
-            ) from _without_token(error, config)
-        except (httpx2.TransportError, ConnectionError, TimeoutError) as error:
-            raise _Transient(f"{type(error).__name__}: {error}") from _without_token(error, config)
-        except OSError as error:
-            if error.errno is None and "Consistency check failed" in str(error):
-                # huggingface_hub got fewer bytes than announced, after its own resumes.
-                raise _Transient(f"the download ended early: {str(error).splitlines()[0]}") from None
-            raise FetchError(f"Could not store '{shown}' from {location}: {error}", source=source) from error
+                return cached
+            if failure is not None:
+                raise failure
+        try:
+            return download(local_only)
+        except Exception as error:
+            failure = _translated(error, config, location, shown, repo_id, source, secrets)
+        raise failure
 
     return _retrying(f"Downloading '{shown}' from {location}", config, attempt, source=source)
 
 
-def _status(error: Exception) -> int | None:
+def _cached_copy(download: Callable[[bool], pathlib.Path]) -> pathlib.Path | None:
+    try:
+        return download(True)
+    except Exception:
+        return None
+
+
+def _translated(
+    error: Exception,
+    config: FetchConfig,
+    location: str,
+    shown: str,
+    repo_id: str,
+    source: str,
+    secrets: list[str],
+) -> BaseException:
+    """Returns our error for a failure of huggingface_hub, its cause chain scrubbed of every token."""
+    import httpx2
+    from huggingface_hub import errors as hf_errors
+
+    translated: BaseException
+    if isinstance(error, hf_errors.LocalEntryNotFoundError) and not (_offline() or not config.allow_network):
+        # The network is on: huggingface_hub keeps the real failure of its metadata request as the cause.
+        real = error.__cause__
+        if isinstance(real, Exception) and not isinstance(real, hf_errors.LocalEntryNotFoundError):
+            return _translated(real, config, location, shown, repo_id, source, secrets)
+        translated = FetchError(
+            f"Could not fetch '{shown}' from {location}: {_scrub(str(error), secrets)}", source=source
+        )
+    elif isinstance(error, (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled)):
+        translated = OfflineError(
+            f"'{shown}' from {location} is not in the Hugging Face cache, and the network is off "
+            f"({_offline_state(config)}).",
+            source=source,
+            hint="Fetch it once with network (for example `pl-pretrain fetch` on a login node), or allow the network.",
+        )
+    elif isinstance(error, (hf_errors.RemoteEntryNotFoundError, hf_errors.EntryNotFoundError)):
+        translated = FetchError(
+            f"File '{shown}' does not exist in {location} (404).",
+            source=source,
+            hint="Check the file name, or the revision.",
+        )
+    elif isinstance(error, hf_errors.RevisionNotFoundError):
+        translated = FetchError(
+            f"Revision '{config.revision}' does not exist in hub repo '{repo_id}' (asked for '{shown}').",
+            source=source,
+            hint="Check FetchConfig(revision=...).",
+        )
+    elif isinstance(error, hf_errors.GatedRepoError):
+        translated = FetchError(
+            f"Hub repo '{repo_id}' is gated and this token has no access to '{shown}' (HTTP {_status(error)}).",
+            source=source,
+            hint="Accept the repo's conditions on the Hub, then use a token of that account.",
+        )
+    elif isinstance(error, hf_errors.RepositoryNotFoundError):
+        translated = FetchError(
+            f"Could not fetch '{shown}': hub repo '{repo_id}' was not found, or it is private and the request "
+            f"was not authorised (HTTP {_status(error)}).",
+            source=source,
+            hint="Check the repo id; for a private repo set HF_TOKEN or FetchConfig(token=...).",
+        )
+    elif isinstance(error, hf_errors.HfHubHTTPError):
+        status = _status(error)
+        if status in (401, 403):
+            translated = FetchError(
+                f"The Hub refused '{shown}' from {location} (HTTP {status}).",
+                source=source,
+                hint="Set HF_TOKEN or FetchConfig(token=...) to a token that can read this repo.",
+            )
+        elif status is None or status >= 500 or status in (408, 429):
+            translated = _Transient(f"HTTP {status} from the Hub")
+        else:
+            translated = FetchError(f"The Hub answered HTTP {status} for '{shown}' from {location}.", source=source)
+    elif isinstance(error, (httpx2.TransportError, ConnectionError, TimeoutError)):
+        translated = _Transient(_scrub(f"could not reach the Hub: {type(error).__name__}: {error}", secrets))
+    elif isinstance(error, OSError) and error.errno is None and "Consistency check failed" in str(error):
+        # huggingface_hub got fewer bytes than announced, after its own resumes.
+        translated = _Transient(f"the download ended early: {_scrub(str(error).splitlines()[0], secrets)}")
+    elif isinstance(error, OSError):
+        translated = FetchError(
+            f"Could not store '{shown}' from {location}: {_scrub(str(error), secrets)}", source=source
+        )
+    else:
+        translated = FetchError(
+            f"Could not fetch '{shown}' from {location}: {_scrub(f'{type(error).__name__}: {error}', secrets)}",
+            source=source,
+        )
+    translated.__cause__ = scrubbed_chain(error, secrets)
+    return translated
+
+
+def _status(error: BaseException) -> int | None:
     response = getattr(error, "response", None)
     return getattr(response, "status_code", None)
 
 
-def _without_token(error: BaseException, config: FetchConfig) -> BaseException:
-    """Returns `error` with the configured token masked in its message (errors may be logged)."""
+def _token_secrets(config: FetchConfig) -> list[str]:
+    """Returns the tokens that may be sent (the configured one, or huggingface_hub's default), to scrub from texts."""
     token = config.token if isinstance(config.token, str) else None
     if config.token is None:
         from huggingface_hub import get_token
 
         token = get_token()  # HF_TOKEN or the stored login
-    if token and token in str(error):
-        return FetchError(str(error).replace(token, "***"))
-    return error
+    return [token] if token else []

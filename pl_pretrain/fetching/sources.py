@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
+import numbers
 import os
 import pathlib
 import re
 from collections import namedtuple
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,6 +90,14 @@ class FetchConfig:
             s3fs, ``gs://``: gcsfs, ``az://``/``abfs://``: adlfs), e.g. ``{"endpoint_url": ...,
             "key": ..., "secret": ...}`` or ``{"anon": True}``. ``None``: each backend's standard
             environment and credentials. Never shown: not in ``repr``, records, errors or logs.
+        shown_query: keyword only; names of URL query parameters whose values are not secret
+            (say ``("v", "revision")``). Every other query value is masked as ``***`` in errors,
+            logs, records, provenance and checkpoints, and so is not part of a collected file's
+            identity: a parameter that chooses *which* file is served belongs here, so that
+            changing it fetches again.
+
+    Raises:
+        ConfigurationError: a field of the wrong type or out of range (``retries="many"``).
     """
 
     overwrite: bool = False
@@ -100,6 +111,10 @@ class FetchConfig:
     progress: bool | None = None
     backoff: float = dataclasses.field(default=0.5, kw_only=True)
     storage_options: dict[str, Any] | None = dataclasses.field(default=None, kw_only=True, repr=False, hash=False)
+    shown_query: tuple[str, ...] = dataclasses.field(default=(), kw_only=True)
+
+    def __post_init__(self) -> None:
+        _check_fetch_config(self)
 
 
 @dataclass(frozen=True)
@@ -209,6 +224,48 @@ def as_local_strategy(value: Any, *, where: str = "local_strategy") -> LocalStra
         f"got {_class_name(type(value))}.",
         hint="Use LocalStrategy.SYMLINK, COPY, COPY_SKIP_CACHE or NO_LINK.",
     )
+
+
+def _check_fetch_config(config: FetchConfig) -> None:
+    """Raises `ConfigurationError` naming the first field of `config` that cannot work."""
+
+    def bad(field: str, expected: str) -> ConfigurationError:
+        return ConfigurationError(
+            f"FetchConfig({field}={getattr(config, field)!r}) is not valid: {field} must be {expected}.",
+            hint=f"Pass FetchConfig({field}=...) as documented in help(pl_pretrain.FetchConfig).",
+        )
+
+    for field in ("overwrite", "allow_updates", "allow_network"):
+        if not isinstance(getattr(config, field), bool):
+            raise bad(field, "True or False")
+    if config.storage_options is not None and not isinstance(config.storage_options, Mapping):
+        raise ConfigurationError(
+            f"FetchConfig(storage_options=...) is a {type(config.storage_options).__name__}, not a mapping.",
+            hint="Pass FetchConfig(storage_options={...}) as documented in help(pl_pretrain.FetchConfig).",
+        )
+    if config.progress is not None and not isinstance(config.progress, bool):
+        raise bad("progress", "True, False or None")
+    if config.token is not None and not isinstance(config.token, (bool, str)):
+        raise bad("token", "None, False or a token string")
+    if config.revision is not None and (not isinstance(config.revision, str) or not config.revision):
+        raise bad("revision", "None or a branch, tag or commit name")
+    if config.huggingface_cache_dir is not None and not isinstance(config.huggingface_cache_dir, (str, os.PathLike)):
+        raise bad("huggingface_cache_dir", "None or a folder path")
+    if isinstance(config.retries, bool) or not isinstance(config.retries, numbers.Integral) or config.retries < 0:
+        raise bad("retries", "a whole number >= 0")
+    for field, low in (("timeout", "> 0"), ("backoff", ">= 0")):
+        value = getattr(config, field)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, numbers.Real)
+            or not math.isfinite(value)
+            or (value <= 0 if low == "> 0" else value < 0)
+        ):
+            raise bad(field, f"a finite number of seconds {low}")
+    shown = config.shown_query
+    if isinstance(shown, str) or not isinstance(shown, (tuple, list)) or not all(isinstance(n, str) for n in shown):
+        raise bad("shown_query", 'a tuple of query parameter names, such as ("v",)')
+    object.__setattr__(config, "shown_query", tuple(shown))  # a list is accepted, and frozen
 
 
 def _class_name(cls: type) -> str:
