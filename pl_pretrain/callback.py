@@ -30,7 +30,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from pl_pretrain._constants import DEFAULT_COLLECT_IN
 from pl_pretrain.distributed import as_per_node
 from pl_pretrain.errors import ConfigurationError
-from pl_pretrain.fetching import FetchConfig, LocalStrategy, redact_url
+from pl_pretrain.fetching import FetchConfig, LocalStrategy, as_fetch_config, as_local_strategy, redact_url
 from pl_pretrain.pretrainer import Pretrainer
 from pl_pretrain.transfer import TransferOptions, TransferReport, format_reports, incomplete_keys
 
@@ -158,10 +158,6 @@ class PretrainerCallback(Callback):
                 f"stages={stages!r} must be a list drawn from {list(_STAGES)}.",
                 hint="For example stages=['fit'] loads only when training starts.",
             )
-        if not isinstance(local_strategy, LocalStrategy):
-            raise ConfigurationError(f"local_strategy={local_strategy!r} is not a LocalStrategy.")
-        if fetch_config is not None and not isinstance(fetch_config, FetchConfig):
-            raise ConfigurationError(f"fetch_config is a {type(fetch_config).__name__}, not a FetchConfig.")
         if not isinstance(freeze, bool):
             unknown = sorted(set(freeze) - set(self.pretrainer.loadables))
             if isinstance(freeze, str) or unknown:
@@ -171,8 +167,9 @@ class PretrainerCallback(Callback):
                     hint="Pass freeze=True, or a list of loadable keys.",
                 )
         self.default_source = default_source
-        self.local_strategy = local_strategy
-        self.fetch_config = fetch_config if fetch_config is not None else FetchConfig()
+        # Checked here, so that misuse fails when the callback is built, not in setup.
+        self.local_strategy = as_local_strategy(local_strategy)
+        self.fetch_config = as_fetch_config(fetch_config)
         self.collect_per_node = as_per_node(collect_per_node)  # misuse fails here, not in setup
         self.stages = tuple(stages)
         self.freeze = freeze

@@ -27,6 +27,8 @@ from pl_pretrain.fetching import (
     FetchFrom,
     FetchSource,
     LocalStrategy,
+    as_fetch_config,
+    as_local_strategy,
     check_file_name,
     fetch_file,
     guess_source,
@@ -222,13 +224,12 @@ class Pretrainer:
             PretrainerError: a `FetchError` (a ``ValueError``) or `ConfigurationError` naming the
                 key, the source and what to change; under the protocol, on every rank.
         """
-        config = fetch_config if fetch_config is not None else FetchConfig()
-        if not isinstance(config, FetchConfig):
-            raise ConfigurationError(f"fetch_config is a {type(config).__name__}, not a FetchConfig.")
+        config = as_fetch_config(fetch_config)
+        strategy = as_local_strategy(local_strategy)
         per_node = distributed.as_per_node(collect_per_node)
 
         def work() -> dict[str, Fetched]:
-            return self._fetch_all(default_source, local_strategy, config)
+            return self._fetch_all(default_source, strategy, config)
 
         if internal_ddp_handling:
             collected = distributed.run_once(

@@ -317,6 +317,34 @@ def test_inspect_a_sharded_checkpoint_as_json_with_filter_and_limit(tmp_path):
     assert info["sha256"].startswith("sha256:")
 
 
+def test_inspect_and_plan_a_sharded_checkpoint_collected_by_copy(tmp_path, capsys):
+    # The Pretrainer collects an index as <key>.ckpt and its shards into <key>.shards/: the CLI,
+    # pointed at the collected file, must find them there (the readers no longer guess that folder).
+    from pl_pretrain import LocalStrategy, Pretrainer
+    from pl_pretrain.cli import main
+
+    source = tmp_path / "source"
+    source.mkdir()
+    enc = Encoder()
+    state = enc.state_dict()
+    names = sorted(state)
+    half = len(names) // 2
+    save_file({k: state[k].contiguous() for k in names[:half]}, str(source / "m-1.safetensors"))
+    save_file({k: state[k].contiguous() for k in names[half:]}, str(source / "m-2.safetensors"))
+    weight_map = {k: "m-1.safetensors" if i < half else "m-2.safetensors" for i, k in enumerate(names)}
+    (source / "m.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    collect_in = tmp_path / "collected"
+    pt = Pretrainer(collect_in, {"enc": Encoder()}, paths={"enc": str(source / "m.safetensors.index.json")})
+    pt.collect_files(local_strategy=LocalStrategy.COPY)
+    collected = collect_in / "enc.ckpt"
+    assert (collect_in / "enc.shards" / "m-1.safetensors").is_file()
+
+    assert main(["inspect", str(collected), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["format"] == "sharded-safetensors" and info["tensors"] == len(names)
+    assert main(["plan", str(collected), "--model", "helpers:Encoder"]) == 0, capsys.readouterr().err
+
+
 def test_inspect_a_legacy_lightning_checkpoint_which_cannot_be_mapped(tmp_path, capsys):
     from pl_pretrain.cli import main
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from pl_pretrain.cli._common import EXIT_OK, _count, _existing_file, _print_json, _print_table, _subparser
 from pl_pretrain.fetching import file_sha256
+from pl_pretrain.pretrainer import shard_folder_name
 from pl_pretrain.transfer import detect_format, format_bytes, read_state_dict, shard_names
 
 __all__ = ["describe_checkpoint", "run_inspect"]
@@ -95,7 +96,8 @@ def describe_checkpoint(
     The tensors come from `read_state_dict` (memory-mapped, nothing copied); parameters and bytes
     count each stored tensor once, even when several names share it (tied weights).
     """
-    state, fmt = read_state_dict(path)
+    # A collected index (<key>.ckpt) has its shards in <key>.shards/; a plain *.index.json beside it.
+    state, fmt = read_state_dict(path, shard_dir=path.parent / shard_folder_name(path.name))
     seen: set[tuple[Any, ...]] = set()
     parameters = tensor_bytes = 0
     dtypes: dict[str, int] = {}

@@ -22,6 +22,7 @@ from pl_pretrain.cli._common import (
 from pl_pretrain.cli._model import _build, _call_text, _import_object, _instantiate, _submodule
 from pl_pretrain.cli.config import _loadables_of, _read_yaml
 from pl_pretrain.errors import PretrainerError
+from pl_pretrain.pretrainer import shard_folder_name
 from pl_pretrain.transfer import TransferOptions, TransferReport, diagnose_transfer, format_bytes, format_reports
 
 __all__ = ["PlanTarget", "run_plan"]
@@ -136,7 +137,13 @@ def run_plan(args: argparse.Namespace) -> int:
     checkpoint = _existing_file(args.checkpoint, "Checkpoint")
     target = _plan_target(args)
     options = _override(target.options, args)
-    report, error = diagnose_transfer(target.module, checkpoint, options, shapes_only=target.on_meta)
+    report, error = diagnose_transfer(
+        target.module,
+        checkpoint,
+        options,
+        shapes_only=target.on_meta,
+        shard_dir=checkpoint.parent / shard_folder_name(checkpoint.name),
+    )
     verdict, code = _verdict(report, error)
     hint = _suggest_key_map(report)
     if args.json:
