@@ -369,15 +369,19 @@ class PretrainerCallback(Callback):
         }
 
     def _log(self, trainer: Trainer, reports: Mapping[str, TransferReport | None], seconds: float) -> None:
-        table = format_reports(reports)
+        table = format_reports(self.pretrainer.shown_reports())
         if table:
             rank_zero_info(f"pl_pretrain: loaded pretrained parameters in {seconds:.2f} s\n{table}")
         incomplete = incomplete_keys(reports)
         if incomplete:
+            hints = "".join(f" {key}: {r.hint()}" for key, r in reports.items() if r is not None and r.hint())
             rank_zero_warn(
                 f"pl_pretrain: {', '.join(incomplete)} did not load completely (see the table above: missing, "
-                "unexpected or mismatched keys). Pass TransferOptions(strict=True) to make this an error."
+                f"unexpected or mismatched keys).{hints} Pass TransferOptions(strict=True) to make this an error."
             )
+        for key, report in reports.items():
+            for warning in report.warnings if report is not None else ():
+                rank_zero_warn(f"pl_pretrain: {key}: {warning}; TransferOptions(strict=True) makes this an error.")
         hparams = {}
         for key, entry in self.provenance.items():
             for field in ("location", "revision", "commit", "etag", "sha256"):

@@ -111,6 +111,7 @@ class Pretrainer:
         self.loadable_paths: dict[str, pathlib.Path] = {}
         self.collected: dict[str, Fetched] = {}
         self.reports: dict[str, TransferReport | None] = {}
+        self._hooked: dict[str, TransferReport] = {}  # key -> a row for the table, for keys loaded by their own hook
         self._synchronised = False
         self.add_loadables(loadables or {})
         self.add_paths(paths or {})
@@ -356,13 +357,15 @@ class Pretrainer:
         reports = distributed.run_everywhere(work) if self._synchronised else work()
         self.reports = reports
         if log_report and distributed.global_rank() == 0:
-            table = format_reports(reports)
-            incomplete = incomplete_keys(reports)
-            if incomplete:
+            shown = self.shown_reports()
+            table = format_reports(shown)
+            incomplete = incomplete_keys(shown)
+            warned = [key for key, report in shown.items() if report is not None and report.warnings]
+            if incomplete or warned:
                 logger.warning(
-                    "Pretrained parameters did not load completely into %s (TransferOptions(strict=True) makes this an "
-                    "error):\n%s",
-                    ", ".join(incomplete),
+                    "Pretrained parameters did not load completely into %s, or their options matched nothing "
+                    "(TransferOptions(strict=True) makes this an error):\n%s",
+                    ", ".join(dict.fromkeys([*incomplete, *warned])),
                     table,
                 )
             elif table:
@@ -404,7 +407,20 @@ class Pretrainer:
                 key=key,
                 source=fetched.location,
             ) from error
-        return result if isinstance(result, TransferReport) else None
+        if isinstance(result, TransferReport):
+            return result
+        hook = self.custom_hooks.get(key) or get_default_hook(obj, DEFAULT_TRANSFER_HOOKS)
+        hook = hook or get_default_hook(obj, DEFAULT_LOAD_HOOKS)
+        self._hooked[key] = TransferReport(source=fetched.path, hook=getattr(hook, "__qualname__", repr(hook)))
+        return None
+
+    def shown_reports(self) -> dict[str, TransferReport | None]:
+        """Returns the last load's reports for the table: those of `load_collected`, with a row for each hook-loaded key.
+
+        `load_collected` gives ``None`` for a loadable its own hook loaded (the hook reports nothing);
+        here that key has a report naming the hook and the file, so the table shows every loadable.
+        """
+        return {key: self._hooked.get(key) if report is None else report for key, report in self.reports.items()}
 
     def _call_hook(self, key: str, obj: Any, path: pathlib.Path) -> Any:
         options = self.transfer_options.get(key)

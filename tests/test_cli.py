@@ -77,7 +77,8 @@ def whole_model_ckpt(tmp_path) -> pathlib.Path:
         (lambda: Encoder(dim=8, seed=2), {"key_map": {"encoder.": ""}}),
         (lambda: Model(seed=2, classes=3), {"on_mismatch": "skip"}),
         (lambda: Model(seed=2, classes=3), {"exclude": ["classifier.*"], "dtype": "bfloat16"}),
-        (lambda: Encoder(dim=8, seed=2), {"key_map": {"": ""}}),  # nothing matches: missing + unexpected
+        # nothing matches: missing + unexpected (accepted only when asked for)
+        (lambda: Encoder(dim=8, seed=2), {"key_map": {"": ""}, "allow_empty": True}),
     ],
 )
 def test_a_plan_gives_the_report_of_the_real_transfer_and_copies_nothing(whole_model_ckpt, target, options):
@@ -416,16 +417,15 @@ def test_plan_shows_a_shape_mismatch_as_the_failure_a_real_load_would_be(whole_m
 
 def test_plan_suggests_the_key_map_and_the_options_override_the_defaults(whole_model_ckpt):
     result = cli("plan", str(whole_model_ckpt), "--model", "helpers:Encoder", "--key-map", "=", "--key", "encoder")
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1, result.stderr
     assert "missing (the model keeps its values): 4" in result.stdout
     assert "unexpected (in the file, not read): 6" in result.stdout
     assert (
         "hint: the missing keys are in the file under the prefix 'encoder.'; try --key-map 'encoder.='" in result.stdout
     )
-    assert (
-        "verdict: OK, incomplete: a real load would copy nothing and succeed with 4 missing, 6 unexpected"
-        in result.stdout
-    )
+    # Loading nothing is what a real load refuses, with the same key map proposed.
+    assert "verdict: FAIL: a real load would raise TransferError and copy nothing" in result.stdout
+    assert "would load no tensor at all" in result.stdout and "key_map={'encoder.': ''}" in result.stdout
     strict = cli("plan", str(whole_model_ckpt), "--model", "helpers:Encoder", "--key-map", "=", "--strict", "--json")
     assert strict.returncode == 1 and "Strict transfer" in json.loads(strict.stdout)["error"]
 

@@ -344,8 +344,111 @@ def test_two_file_keys_sent_to_one_target_key_is_an_error(tmp_path):
 def test_an_explicit_identity_map_turns_prefix_detection_off(tmp_path):
     source = Encoder(seed=1)
     path = write(tmp_path / "m.ckpt", {"module." + k: v for k, v in source.state_dict().items()})
-    report = torch_parameter_transfer(Encoder(seed=2), path, {"key_map": {"": ""}})
+    report = torch_parameter_transfer(Encoder(seed=2), path, {"key_map": {"": ""}, "allow_empty": True})
     assert not report.loaded and len(report.missing) == 4 and len(report.unexpected) == 4
+
+
+class Classifier(torch.nn.Module):
+    """A pretrained body under ``bert`` and a new head, as BertForSequenceClassification is laid out."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self.bert = Encoder(dim=8, seed=seed)
+        self.classifier = torch.nn.Linear(8, 3)
+
+
+class EncoderWithPooler(torch.nn.Module):
+    """A body with a pooler, as BertModel is; classifiers' checkpoints often drop the pooler."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self.encoder = Encoder(dim=8, seed=seed)
+        self.pooler = torch.nn.Linear(8, 8)
+
+
+@pytest.mark.parametrize(
+    "case, options, why",
+    [
+        ("include", {"include": ["encoders.*"]}, r"include='encoders\.\*'\) matches no key"),
+        ("exclude everything", {"exclude": ["*"], "strict": True}, "would load no tensor at all"),
+        ("bare body file", {}, r"would load no tensor at all.*key_map=\{'': 'bert\.'\}"),
+    ],
+)
+def test_a_load_that_would_load_nothing_is_an_error_unless_asked_for(tmp_path, case, options, why):
+    # A bare body file (BertModel's keys) into a classifier: not one key matches as it is.
+    source = Encoder(seed=1) if case == "bare body file" else Classifier(seed=1)
+    path = write(tmp_path / "src" / "body.ckpt", source.state_dict())
+    target = Classifier(seed=2)
+    before = copy_of(target)
+    with pytest.raises(TransferError, match=why) as raised:
+        load(tmp_path, target, path, options, key="model")
+    assert raised.value.key == "model"
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+    # Loading nothing on purpose is accepted, and says so in the report.
+    report = load(tmp_path, Classifier(seed=2), path, {**options, "allow_empty": True}, key="model")
+    assert report.loaded == [] and report.bytes == 0
+
+
+def test_the_suggested_key_map_loads_the_bare_body_file(tmp_path):
+    source, target = Encoder(seed=1), Classifier(seed=2)
+    path = write(tmp_path / "body.ckpt", source.state_dict())
+    with pytest.raises(TransferError) as raised:
+        torch_parameter_transfer(target, path)
+    assert "key_map={'': 'bert.'}" in str(raised.value)
+    report = torch_parameter_transfer(target, path, {"key_map": {"": "bert."}})
+    assert same(source, target.bert) and sorted(report.missing) == ["classifier.bias", "classifier.weight"]
+
+
+def test_prefix_detection_tolerates_a_target_key_the_file_lacks(tmp_path):
+    # A classifier's checkpoint (keys under "bert.", no pooler) into the body alone (which has one).
+    source = Classifier(seed=1)
+    path = write(tmp_path / "clf.ckpt", {"bert.encoder." + k: v for k, v in source.bert.state_dict().items()})
+    target = EncoderWithPooler(seed=2)
+    pooler = copy_of(target.pooler)
+    report = torch_parameter_transfer(target, path)
+    assert report.prefix == "bert."
+    assert same(source.bert, target.encoder)
+    assert sorted(report.missing) == ["pooler.bias", "pooler.weight"]
+    assert torch.equal(target.pooler.weight, pooler["weight"])
+
+
+def test_a_pattern_that_matches_nothing_warns_once_and_fails_under_strict(tmp_path, caplog):
+    source, target = Model(seed=1), Model(seed=2)
+    path = write(tmp_path / "src" / "m.ckpt", source.state_dict())
+    with caplog.at_level(logging.WARNING, logger="pl_pretrain"):
+        report = load(tmp_path, target, path, {"exclude": ["clasifier.*"]}, key="model")  # a typo: nothing left out
+    assert same(source, target) and report.complete
+    assert report.warnings == ["TransferOptions(exclude='clasifier.*') matches no key of the file or the model"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "model: warning: TransferOptions(exclude='clasifier.*') matches no key" in warnings[0]
+    with pytest.raises(TransferError, match=r"Strict transfer .*\(exclude='clasifier\.\*'\) matches no key"):
+        torch_parameter_transfer(Model(seed=3), path, {"exclude": ["clasifier.*"], "strict": True})
+
+
+def test_a_loadable_with_its_own_hook_has_a_row_in_the_report(tmp_path, caplog):
+    vocab = tmp_path / "src" / "vocab.txt"
+    vocab.parent.mkdir()
+    vocab.write_text("a b c")
+    seen = []
+
+    def read_vocab(obj, path):
+        seen.append(pathlib.Path(path).read_text())
+
+    source, target = Encoder(seed=1), Encoder(seed=2)
+    pt = Pretrainer(
+        tmp_path / "c",
+        {"encoder": target, "tokenizer": object()},
+        {"encoder": str(write(tmp_path / "src" / "e.ckpt", source.state_dict())), "tokenizer": str(vocab)},
+        custom_hooks={"tokenizer": read_vocab},
+    )
+    pt.collect_files()
+    with caplog.at_level(logging.INFO, logger="pl_pretrain"):
+        reports = pt.load_collected()
+    assert seen == ["a b c"] and reports["tokenizer"] is None  # the public return value is unchanged
+    table = "\n".join(r.getMessage() for r in caplog.records)
+    row = next(line for line in table.splitlines() if line.startswith("tokenizer "))
+    assert row.split()[:2] == ["tokenizer", "hook"] and row.endswith(str(tmp_path / "c" / "tokenizer.ckpt"))
+    assert "tokenizer: loaded by its hook" in table and "read_vocab" in table
 
 
 # --------------------------------------------------------------------------------------------
@@ -396,10 +499,9 @@ def test_strict_fails_on_anything_left_over_before_copying(tmp_path, what):
     with pytest.raises(TransferError, match=f"Strict transfer .* 1 {what}.*Nothing was loaded"):
         torch_parameter_transfer(target, write(tmp_path / "m.ckpt", state), options)
     assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
-    # Keys left out on purpose never count against strictness.
-    report = torch_parameter_transfer(
-        target, tmp_path / "m.ckpt", TransferOptions(strict=True, exclude=["classifier.*", "decoder.*"])
-    )
+    # Keys left out on purpose never count against strictness (a pattern that matches nothing would).
+    exclude = ["classifier.*", "decoder.*"] if what == "unexpected" else ["classifier.*"]
+    report = torch_parameter_transfer(target, tmp_path / "m.ckpt", TransferOptions(strict=True, exclude=exclude))
     assert same(source.encoder, target.encoder) and report.complete
 
 

@@ -24,6 +24,7 @@ from pl_pretrain.cli.config import _loadables_of, _read_yaml
 from pl_pretrain.errors import PretrainerError
 from pl_pretrain.pretrainer import shard_folder_name
 from pl_pretrain.transfer import TransferOptions, TransferReport, diagnose_transfer, format_bytes, format_reports
+from pl_pretrain.transfer.keys import suggest_key_map
 
 __all__ = ["PlanTarget", "run_plan"]
 
@@ -145,7 +146,7 @@ def run_plan(args: argparse.Namespace) -> int:
         shard_dir=checkpoint.parent / shard_folder_name(checkpoint.name),
     )
     verdict, code = _verdict(report, error)
-    hint = _suggest_key_map(report)
+    hint = suggest_key_map(report.missing, [*report.unexpected, *report.excluded])
     if args.json:
         shapes = _shapes(target.module)
         _print_json(
@@ -329,27 +330,3 @@ def _verdict(report: TransferReport, error: PretrainerError | None) -> tuple[str
         "(a warning in the job; --strict makes it a failure).",
         EXIT_OK,
     )
-
-
-def _suggest_key_map(report: TransferReport) -> tuple[str, str] | None:
-    """Returns (file prefix, model prefix) when one renaming turns left-over file keys into most missing ones.
-
-    Only the simplest renaming is guessed: a prefix added to or removed from whole names. File
-    keys are looked for among the unexpected ones and those a key map left out.
-    """
-    if not report.missing:
-        return None
-    votes: dict[tuple[str, str], int] = {}
-    for missing in report.missing:
-        for key in [*report.unexpected, *report.excluded]:
-            if key.endswith("." + missing):
-                pair = (key[: -len(missing)], "")
-            elif missing.endswith("." + key):
-                pair = ("", missing[: -len(key)])
-            else:
-                continue
-            votes[pair] = votes.get(pair, 0) + 1
-    if not votes:
-        return None
-    best, count = max(votes.items(), key=lambda item: item[1])
-    return best if count * 2 >= len(report.missing) else None

@@ -23,7 +23,7 @@ import torch
 
 from pl_pretrain.errors import ConfigurationError, TransferError
 from pl_pretrain.transfer.dtensor import LocalPart, is_dtensor, local_part
-from pl_pretrain.transfer.keys import _rename, _selected
+from pl_pretrain.transfer.keys import _rename, _selected, _unmatched_patterns
 from pl_pretrain.transfer.options import PathLike, TransferOptions
 from pl_pretrain.transfer.readers import read_state_dict
 from pl_pretrain.transfer.report import TransferReport, _few
@@ -169,7 +169,11 @@ def _plan(obj: torch.nn.Module, path: pathlib.Path, options: TransferOptions, sh
     report = TransferReport(source=path, format=fmt)
     asked = [name for name in target if _selected(name, options)]
     report.excluded.extend(name for name in target if not _selected(name, options))
-    renamed, left_out, report.prefix = _rename(source, asked, options, path)
+    renamed, left_out, report.prefix, mapped = _rename(source, asked, options, path)
+    report.warnings.extend(
+        f"TransferOptions({pattern}) matches no key of the file or the model"
+        for pattern in _unmatched_patterns(options, [*target, *mapped])
+    )
     shown = set(report.excluded)  # a file key and a target key often share a name: list it once
     report.excluded.extend(key for key in left_out if key not in shown)
 
@@ -245,7 +249,23 @@ def _check(
         raise TransferError(
             f"Strict transfer from '{path}' into {type(obj).__name__} failed: {report.summary()}.{_details(report)} "
             "Nothing was loaded.",
-            hint="Map the keys (TransferOptions key_map / include / exclude) or drop strict=True.",
+            hint=report.hint() or "Map the keys (TransferOptions key_map / include / exclude) or drop strict=True.",
+        )
+    if options.strict and report.warnings:
+        raise TransferError(
+            f"Strict transfer from '{path}' into {type(obj).__name__} failed: {'; '.join(report.warnings)}. "
+            "Nothing was loaded.",
+            hint="Fix the pattern (glob patterns on the model's key names, `*` crosses dots), or drop strict=True.",
+        )
+    if not loading and not options.allow_empty and any(True for _ in _named_tensors(obj)):
+        # Zero tensors into a module that has some is never what a fine-tuning job means, and
+        # without this it ends with an INFO line and the model's random initialisation.
+        why = "; ".join(report.warnings) or f"{report.summary()}.{_details(report)}"
+        raise TransferError(
+            f"Transferring '{path}' into {type(obj).__name__} would load no tensor at all: {why}",
+            hint=report.hint()
+            or "Map the file's keys onto the model's (TransferOptions key_map / include / exclude; "
+            "`pl-pretrain plan` shows both sides), or pass TransferOptions(allow_empty=True) if loading nothing is meant.",
         )
     on_meta = [
         name

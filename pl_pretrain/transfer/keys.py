@@ -1,17 +1,21 @@
-"""Key selection and mapping: which file key fills which target key (include/exclude, key_map, a detected prefix)."""
+"""Key selection and mapping: which file key fills which target key (include/exclude, key_map, a detected prefix).
+
+Also the one guess at a key map for a load that left keys missing (`suggest_key_map`), shared by
+the transfer's errors and warnings and by ``pl-pretrain plan``.
+"""
 
 from __future__ import annotations
 
 import fnmatch
 import pathlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 
 from pl_pretrain.errors import ConfigurationError, TransferError
 from pl_pretrain.transfer.options import KeyMap, TransferOptions
 
-__all__: list[str] = []  # private to pl_pretrain.transfer: the engine in `apply` calls these
+__all__ = ["suggest_key_map", "key_map_hint"]  # the rest is private: the engine in `apply` calls it
 
 
 def _selected(name: str, options: TransferOptions) -> bool:
@@ -23,11 +27,12 @@ def _selected(name: str, options: TransferOptions) -> bool:
 
 def _rename(
     source: Mapping[str, torch.Tensor], asked: list[str], options: TransferOptions, path: pathlib.Path
-) -> tuple[dict[str, str], list[str], str]:
-    """Returns (target name -> file key, names left out on purpose, detected prefix).
+) -> tuple[dict[str, str], list[str], str, set[str]]:
+    """Returns (target name -> file key, names left out on purpose, detected prefix, every mapped name).
 
     A file key left out by `include` / `exclude` is named as the target key it would have loaded;
-    one that `key_map` (or the detected prefix) maps to nothing keeps the file's name.
+    one that `key_map` (or the detected prefix) maps to nothing keeps the file's name. The mapped
+    names (before `include` / `exclude`) are what those patterns are matched against, with the target's keys.
     """
     key_map = options.key_map
     prefix = ""
@@ -37,12 +42,15 @@ def _rename(
     mapper = _mapper(key_map)
     renamed: dict[str, str] = {}
     left_out: list[str] = []
+    mapped: set[str] = set()
     for key in source:
         name = mapper(key)
         if name is not None and not isinstance(name, str):
             raise ConfigurationError(
                 f"key_map returned {name!r} for '{key}' in '{path}'; it must return a key name or None.",
             )
+        if name is not None:
+            mapped.add(name)
         if name is None:
             left_out.append(key)
         elif not _selected(name, options):
@@ -54,7 +62,18 @@ def _rename(
             )
         else:
             renamed[name] = key
-    return renamed, left_out, prefix
+    return renamed, left_out, prefix, mapped
+
+
+def _unmatched_patterns(options: TransferOptions, names: Iterable[str]) -> list[str]:
+    """Returns the `include` / `exclude` patterns that match none of `names`, as ``include='x'`` texts."""
+    names = list(names)
+    patterns = [("include", p) for p in options.include or ()] + [("exclude", p) for p in options.exclude]
+    return [
+        f"{field}={pattern!r}"
+        for field, pattern in patterns
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names)
+    ]
 
 
 def _mapper(key_map: KeyMap | None) -> Callable[[str], str | None]:
@@ -75,21 +94,73 @@ def _mapper(key_map: KeyMap | None) -> Callable[[str], str | None]:
 
 
 def _detect_prefix(source: Mapping[str, torch.Tensor], asked: list[str], path: pathlib.Path) -> str:
-    """Returns the one prefix under which the file holds every target key asked for, or "".
+    """Returns the one prefix under which the file holds most of the target keys asked for, or "".
 
     Keys that match as they are win; otherwise a LightningModule checkpoint (``encoder.proj.weight``
-    for a target ``encoder``) or a DDP one (``module.``) is recognised when exactly one prefix
-    covers every target key. Partial matches are never guessed at.
+    for a target ``encoder``) or a DDP one (``module.``) is recognised when one prefix covers more
+    target keys than the names as they are, and more than half of them. Target keys the file lacks
+    under it (a pooler that a classifier's checkpoint dropped) are then reported missing, as they
+    would be without a prefix; two prefixes covering as many keys are never chosen between.
     """
-    if not asked or all(name in source for name in asked):
+    if not asked:
         return ""
-    first = asked[0]
-    candidates = {key[: -len(first)] for key in source if key.endswith("." + first)}
-    complete = sorted(p for p in candidates if all(p + name in source for name in asked))
-    if len(complete) > 1:
+    as_is = sum(1 for name in asked if name in source)
+    if as_is == len(asked):
+        return ""
+    wanted = set(asked)
+    covered: dict[str, int] = {}
+    for key in source:
+        # Every split of the key at a dot: "model.encoder.w" -> ("model.", "encoder.w"), ("model.encoder.", "w").
+        dot = key.find(".")
+        while dot != -1:
+            if key[dot + 1 :] in wanted:
+                covered[key[: dot + 1]] = covered.get(key[: dot + 1], 0) + 1
+            dot = key.find(".", dot + 1)
+    if not covered:
+        return ""
+    best = max(covered.values())
+    if best <= as_is or best * 2 <= len(asked):
+        return ""
+    tied = sorted(p for p, n in covered.items() if n == best)
+    if len(tied) > 1:
         raise TransferError(
-            f"'{path}' holds every target key under several prefixes ({', '.join(repr(p) for p in complete)}), "
+            f"'{path}' holds the target keys under several prefixes ({', '.join(repr(p) for p in tied)}), "
             "so which one to load is ambiguous.",
-            hint=f"Choose with TransferOptions(key_map={{{complete[0]!r}: ''}}).",
+            hint=f"Choose with TransferOptions(key_map={{{tied[0]!r}: ''}}).",
         )
-    return complete[0] if complete else ""
+    return tied[0]
+
+
+def suggest_key_map(missing: Sequence[str], leftovers: Iterable[str]) -> tuple[str, str] | None:
+    """Returns (file prefix, model prefix) when one renaming turns left-over file keys into most missing ones.
+
+    Only the simplest renaming is guessed: a prefix added to or removed from whole names.
+    `leftovers` are the file keys that loaded nowhere (a report's ``unexpected`` and ``excluded``).
+    """
+    if not missing:
+        return None
+    leftovers = list(leftovers)
+    votes: dict[tuple[str, str], int] = {}
+    for name in missing:
+        for key in leftovers:
+            if key.endswith("." + name):
+                pair = (key[: -len(name)], "")
+            elif name.endswith("." + key):
+                pair = ("", name[: -len(key)])
+            else:
+                continue
+            votes[pair] = votes.get(pair, 0) + 1
+    if not votes:
+        return None
+    best, count = max(votes.items(), key=lambda item: item[1])
+    return best if count * 2 >= len(missing) else None
+
+
+def key_map_hint(missing: Sequence[str], leftovers: Iterable[str]) -> str:
+    """Returns one sentence proposing `suggest_key_map`'s renaming as TransferOptions, or "" when there is none."""
+    pair = suggest_key_map(missing, leftovers)
+    if pair is None:
+        return ""
+    old, new = pair
+    where = f"under the prefix '{old}'" if old else f"without the model's prefix '{new}'"
+    return f"The missing keys are in the file {where}: try TransferOptions(key_map={{{old!r}: {new!r}}})."

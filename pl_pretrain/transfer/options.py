@@ -58,8 +58,15 @@ class TransferOptions:
             is copied. ``"skip"``: keep the target's values for those keys and report them as
             ``mismatched``. Keys left out by ``include`` / ``exclude`` / ``key_map`` are never
             compared, so ``exclude=["classifier.*"]`` is the quiet way to keep a new head.
-        strict: fail when anything asked for is missing, unexpected or mismatched (before anything
-            is copied). Default ``False``: transfer what matches and report the rest.
+        strict: fail when anything asked for is missing, unexpected or mismatched, or when an
+            `include` / `exclude` pattern matches no key (before anything is copied). Default
+            ``False``: transfer what matches and report the rest; a pattern that matches nothing
+            is a warning in the report.
+        allow_empty: accept a transfer that copies no tensor at all into a module that has some.
+            Default ``False``: that is a `TransferError` (a file whose keys match none of the
+            module's, an ``include`` that matches nothing, ``exclude=["*"]``), with the key map
+            that would make them match when one can be guessed. Set it when loading nothing is
+            what you mean (a file that may or may not hold this part).
         weights_only: unpickle with ``torch.load(weights_only=True)`` (default), which cannot run
             code from the file. ``False`` trusts the file to run arbitrary code: only for files you trust.
         mmap: read tensors through a memory map (default): nothing is copied but into the target,
@@ -79,6 +86,7 @@ class TransferOptions:
     key_map: KeyMap | None = None
     on_mismatch: str = "error"
     strict: bool = False
+    allow_empty: bool = False
     weights_only: bool = True
     mmap: bool = True
     dtype: torch.dtype | str | None = None

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pl_pretrain.transfer.keys import key_map_hint
+
 __all__ = ["TransferReport", "format_bytes", "format_reports", "incomplete_keys"]
 
 
@@ -49,6 +51,8 @@ class TransferReport:
     excluded: list[str] = field(default_factory=list)
     prefix: str = ""
     local_bytes: int = 0
+    warnings: list[str] = field(default_factory=list)
+    hook: str = ""
 
     @property
     def complete(self) -> bool:
@@ -77,7 +81,13 @@ class TransferReport:
             "mismatched": {k: [list(a), list(b)] for k, (a, b) in self.mismatched.items()},
             "excluded": list(self.excluded),
             "prefix": self.prefix,
+            "warnings": list(self.warnings),
+            "hook": self.hook,
         }
+
+    def hint(self) -> str:
+        """Returns the key map that would turn left-over file keys into the missing ones, as a sentence, or ""."""
+        return key_map_hint(self.missing, [*self.unexpected, *self.excluded])
 
 
 def format_bytes(n: int) -> str:
@@ -91,22 +101,30 @@ def format_bytes(n: int) -> str:
 
 
 def format_reports(reports: Mapping[str, TransferReport | None]) -> str:
-    """Returns one readable table of the reports: a row per loadable, then each odd key listed once."""
+    """Returns one readable table of the reports: a row per loadable, then each odd key listed once.
+
+    A report with `hook` set (a loadable loaded by its own hook) gets a row that names the hook;
+    ``None`` (nothing known about the load) gets none.
+    """
     rows = [(key, r) for key, r in reports.items() if r is not None]
     if not rows:
         return ""
     header = ("loadable", "format", "loaded", "missing", "unexpected", "mismatched", "excluded", "size", "source")
     cells = [
         (
-            key,
-            r.format,
-            str(len(r.loaded)),
-            str(len(r.missing)),
-            str(len(r.unexpected)),
-            str(len(r.mismatched)),
-            str(len(r.excluded)),
-            format_bytes(r.bytes),
-            str(r.source),
+            (key, "hook", "-", "-", "-", "-", "-", "-", str(r.source))
+            if r.hook
+            else (
+                key,
+                r.format,
+                str(len(r.loaded)),
+                str(len(r.missing)),
+                str(len(r.unexpected)),
+                str(len(r.mismatched)),
+                str(len(r.excluded)),
+                format_bytes(r.bytes),
+                str(r.source),
+            )
         )
         for key, r in rows
     ]
@@ -119,6 +137,8 @@ def format_reports(reports: Mapping[str, TransferReport | None]) -> str:
 
     lines = [line(header), *(line(row) for row in cells)]
     for key, r in rows:
+        if r.hook:
+            lines.append(f"{key}: loaded by its hook {r.hook} (pl_pretrain does not see which keys it set)")
         if r.prefix:
             lines.append(f"{key}: file keys read under the prefix '{r.prefix}' (detected and stripped)")
         if r.missing:
@@ -131,6 +151,10 @@ def format_reports(reports: Mapping[str, TransferReport | None]) -> str:
             lines.append(f"{key}: ... and {len(r.mismatched) - 10} more mismatched")
         if r.excluded:
             lines.append(f"{key}: excluded (left out on purpose): {_few(r.excluded)}")
+        for warning in r.warnings:
+            lines.append(f"{key}: warning: {warning}")
+        if r.missing and r.hint():
+            lines.append(f"{key}: hint: {r.hint()}")
     return "\n".join(lines)
 
 
