@@ -19,7 +19,14 @@ from typing import Any
 
 from pl_pretrain import distributed
 from pl_pretrain._constants import DEFAULT_COLLECT_IN, PARAMFILE_EXT
-from pl_pretrain.errors import ConfigurationError, FetchError, PretrainerError, TransferError
+from pl_pretrain.errors import (
+    ChecksumError,
+    ConfigurationError,
+    FetchError,
+    OfflineError,
+    PretrainerError,
+    TransferError,
+)
 from pl_pretrain.fetching import (
     RECORD_DIR,
     FetchConfig,
@@ -30,6 +37,7 @@ from pl_pretrain.fetching import (
     as_fetch_config,
     as_local_strategy,
     check_file_name,
+    discard_unreadable,
     fetch_file,
     guess_source,
     parse_checksum,
@@ -113,6 +121,7 @@ class Pretrainer:
         self.reports: dict[str, TransferReport | None] = {}
         self._hooked: dict[str, TransferReport] = {}  # key -> a row for the table, for keys loaded by their own hook
         self._synchronised = False
+        self._fetched_here = False  # this process ran the fetch (the fetching rank): it alone may remove files
         self.add_loadables(loadables or {})
         self.add_paths(paths or {})
         self.add_custom_hooks(custom_hooks or {})
@@ -229,7 +238,10 @@ class Pretrainer:
         strategy = as_local_strategy(local_strategy)
         per_node = distributed.as_per_node(collect_per_node)
 
+        self._fetched_here = False
+
         def work() -> dict[str, Fetched]:
+            self._fetched_here = True  # only the ranks that fetch run the work
             return self._fetch_all(default_source, strategy, config)
 
         if internal_ddp_handling:
@@ -296,14 +308,11 @@ class Pretrainer:
                 prefix = filename.rpartition("/")[0]
                 shard_dir = self._shard_dir(key)
                 for name in shards:
-                    fetch_file(
-                        f"{prefix}/{name}" if prefix else name,
-                        source,
-                        shard_dir,
-                        name,
-                        strategy,
-                        config,
-                    )
+                    try:
+                        fetch_file(f"{prefix}/{name}" if prefix else name, source, shard_dir, name, strategy, config)
+                    except PretrainerError as error:
+                        _named_by_the_index(error, name, filename)
+                        raise
             return fetched
         except PretrainerError as error:
             error.with_context(key=key, source=shown)
@@ -400,6 +409,7 @@ class Pretrainer:
             result = self._call_hook(key, obj, fetched.path)
         except PretrainerError as error:
             error.with_context(key=key, source=fetched.location)
+            self._forget_unreadable(error, fetched)
             raise
         except Exception as error:  # a user's hook failing still names the key and the file
             raise TransferError(
@@ -421,6 +431,21 @@ class Pretrainer:
         here that key has a report naming the hook and the file, so the table shows every loadable.
         """
         return {key: self._hooked.get(key) if report is None else report for key, report in self.reports.items()}
+
+    def _forget_unreadable(self, error: PretrainerError, fetched: Fetched) -> None:
+        """A file this process just downloaded that cannot be parsed is removed with its record (else
+        every later run would reuse it without a request and fail the same way)."""
+        if not getattr(error, "unreadable", False) or fetched.reused or fetched.fetch_from is FetchFrom.LOCAL:
+            return
+        if not self._fetched_here:
+            error.message += " The fetching rank removes it; the next collect_files() fetches it again."
+            return
+        fate = discard_unreadable(fetched)
+        error.message += f" It was just downloaded from '{fetched.location}': {fate}."
+        error.hint = (
+            "The server sent something other than the checkpoint (a body cut short, an HTML login page, a "
+            "compressed body): run again to fetch it again; if it fails again, check the address and credentials."
+        )
 
     def _call_hook(self, key: str, obj: Any, path: pathlib.Path) -> Any:
         options = self.transfer_options.get(key)
@@ -485,6 +510,16 @@ def _check_key(key: Any) -> None:
             key=key if isinstance(key, str) else None,
             hint="Use a name such as 'encoder'; it becomes the file 'encoder.ckpt' inside collect_in.",
         ) from None
+
+
+def _named_by_the_index(error: PretrainerError, shard: str, index: str) -> None:
+    """A shard's name comes from its index, not from `paths`: the error says so, and what to check."""
+    error.message = f"Shard '{shard}', which the sharded checkpoint's index '{index}' lists: {error.message}"
+    if isinstance(error, FetchError) and not isinstance(error, (OfflineError, ChecksumError)):
+        error.hint = (
+            "The index names a shard its source does not hold: check that every shard listed in the index's "
+            "weight_map was uploaded beside it (and the revision)."
+        )
 
 
 def _show_source(source: Source, shown_query: tuple[str, ...] = ()) -> str:

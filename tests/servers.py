@@ -16,6 +16,7 @@ metadata request is a HEAD, and a stand-in that never fails it hides every bug o
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import http.server
 import json
@@ -45,7 +46,12 @@ class Fault:
     Attributes:
         kind: "drop" (close after half the body), "status" (answer `status` first), "short"
             (announce the full length, send half), "slow" (sleep `delay` seconds per 64 KiB),
-            "close" (close the connection without answering: a reset, as a dead proxy gives).
+            "close" (close the connection without answering: a reset, as a dead proxy gives);
+            bodies that are not the file: "gzip" (the file compressed, with ``Content-Encoding:
+            gzip``, despite ``Accept-Encoding: identity``), "html" (a login page, 200,
+            ``text/html``), "html-as-file" (the same page as ``application/octet-stream``), "cut"
+            (no ``Content-Length``, half the body, then the connection closes), "overlong"
+            (``Content-Length`` announces half of the body that follows).
         times: how many requests misbehave before the server answers normally (-1: always).
         status: the status code for kind "status".
         delay: seconds per chunk for kind "slow".
@@ -62,6 +68,9 @@ class Fault:
     chunk: int = 65536
     methods: tuple[str, ...] = ("GET",)
     echo_authorization: bool = False
+
+
+_BAD_BODIES = ("gzip", "html", "html-as-file", "cut", "overlong")
 
 
 def _lower(headers) -> dict[str, str]:
@@ -170,6 +179,10 @@ class _Base:
             h.close_connection = True
             h.connection.shutdown(socket.SHUT_RDWR)
             return
+        if fault is not None and fault.kind in _BAD_BODIES and method == "GET":
+            self._log(Request(method, h.path, status, _lower(h.headers), len(body)))
+            self._bad_body(h, fault.kind, headers, body)
+            return
         if fault is not None and fault.kind == "status":
             self._log(Request(method, h.path, fault.status, _lower(h.headers)))
             said = f"upstream refused the request with Authorization: {h.headers.get('Authorization')}"
@@ -214,6 +227,35 @@ class _Base:
             except (BrokenPipeError, ConnectionResetError, OSError):
                 pass
         entry.bytes_sent = sent
+
+    def _bad_body(self, h, kind: str, headers: dict[str, str], body: bytes) -> None:
+        page = b"<!DOCTYPE html><html><body><form action='/login'>Please sign in</form></body></html>"
+        payload, length = body, str(len(body))
+        headers = dict(headers)
+        if kind == "gzip":
+            payload = gzip.compress(body)
+            length = str(len(payload))
+            headers["Content-Encoding"] = "gzip"
+        elif kind in ("html", "html-as-file"):
+            payload, length = page, str(len(page))
+            headers["Content-Type"] = "text/html; charset=utf-8" if kind == "html" else "application/octet-stream"
+        elif kind == "cut":
+            payload, length = body[: len(body) // 2], ""
+        elif kind == "overlong":
+            length = str(len(body) // 2)
+        h.send_response(200)
+        for name, value in headers.items():
+            h.send_header(name, value)
+        if length:
+            h.send_header("Content-Length", length)
+        h.send_header("Connection", "close")
+        h.end_headers()
+        h.close_connection = True
+        try:
+            h.wfile.write(payload)
+            h.wfile.flush()
+        except OSError:
+            pass
 
     def _handle(self, h, method: str) -> None:  # pragma: no cover - overridden
         raise NotImplementedError

@@ -48,7 +48,7 @@ def test_other_url_schemes_are_rejected(source):
 
 def test_nonexistent_folder_is_not_sent_to_the_hub(tmp_path, hub):
     missing = tmp_path / "does" / "not" / "exist"
-    with pytest.raises(FetchError, match="is not an existing folder, and not a Hugging Face Hub repo id") as info:
+    with pytest.raises(FetchError, match="No such local folder .* not a Hugging Face Hub repo id") as info:
         fetch("model.ckpt", str(missing), tmp_path / "out")
     assert str(missing) in str(info.value)
     assert hub.requests == []
@@ -299,8 +299,10 @@ def test_hub_every_strategy(hub, tmp_path, strategy):
 
 
 def test_hub_subfolder(hub, tmp_path):
+    # A subfolder of a Hub repo is asked for explicitly: a plain 'org/asr/ckpts' is a (missing) local path.
     hub.add_file("org/asr", "ckpts/encoder.ckpt", b"in-a-subfolder")
-    assert fetch("encoder.ckpt", "org/asr/ckpts", tmp_path / "d").read_bytes() == b"in-a-subfolder"
+    source = FetchSource(FetchFrom.HUGGING_FACE, "org/asr/ckpts")
+    assert fetch("encoder.ckpt", source, tmp_path / "d").read_bytes() == b"in-a-subfolder"
 
 
 def test_hub_revision_reaches_the_server_and_changes_the_file(hub, tmp_path):

@@ -76,8 +76,10 @@ def _existing_file(text: str, what: str) -> pathlib.Path:
     path = pathlib.Path(text).expanduser()
     if not path.exists():
         raise UsageError(f"{what} '{text}' does not exist.")
-    if not path.is_file():
+    if path.is_dir():
         raise UsageError(f"{what} '{text}' is a folder, not a file.")
+    if not path.is_file():
+        raise UsageError(f"{what} '{text}' is not a regular file (a device, a pipe or a socket).")
     return path
 
 

@@ -22,7 +22,7 @@ docs/architecture.md. This package knows nothing about ranks or loadables.
 
 from pl_pretrain._constants import RECORD_DIR
 from pl_pretrain.fetching.fetch import fetch, fetch_file
-from pl_pretrain.fetching.integrity import file_sha256, parse_checksum, verify_sha256
+from pl_pretrain.fetching.integrity import discard_unreadable, file_sha256, parse_checksum, verify_sha256
 from pl_pretrain.fetching.redaction import redact_url
 from pl_pretrain.fetching.sources import (
     FetchConfig,
@@ -50,6 +50,7 @@ __all__ = [
     "check_file_name",
     "redact_url",
     "verify_sha256",
+    "discard_unreadable",
     "as_fetch_config",
     "as_local_strategy",
     "RECORD_DIR",

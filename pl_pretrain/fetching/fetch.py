@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 
-from pl_pretrain.errors import ConfigurationError
+from pl_pretrain.errors import ConfigurationError, FetchError
 from pl_pretrain.fetching import http, hub, local, objectstore
 from pl_pretrain.fetching.integrity import _checked
 from pl_pretrain.fetching.kinds import Request, SourceKind
-from pl_pretrain.fetching.placement import _locked, _make_dirs
+from pl_pretrain.fetching.placement import ReadOnlyFolder, _locked, _make_dirs
 from pl_pretrain.fetching.sources import (
     FetchConfig,
     Fetched,
@@ -23,6 +24,8 @@ from pl_pretrain.fetching.sources import (
 )
 
 __all__ = ["fetch", "fetch_file"]
+
+logger = logging.getLogger(__name__)
 
 # The first kind whose `fetch_from` matches and that handles the source reads it: a kind that takes
 # only some URL schemes goes before `http`, which takes every `FetchFrom.URI` source.
@@ -101,10 +104,33 @@ def fetch_file(
         if where_it_lives is not None:
             return _checked(where_it_lives, expected)
     assert savedir_path is not None  # only kinds with a default folder have no place of their own
-    _make_dirs(savedir_path, kind.shown(source_text))
-    with _locked(savedir_path, save_filename):
-        # Verified under the lock: a bad file is removed before another process can reuse it.
-        return _checked(kind.placed(request), expected)
+    try:
+        _make_dirs(savedir_path, kind.shown(source_text))
+        with _locked(savedir_path, save_filename):
+            # Verified under the lock: a bad file is removed before another process can reuse it.
+            return _checked(kind.placed(request), expected)
+    except ReadOnlyFolder as error:
+        read_only = error
+    return _read_only(kind, request, expected, read_only)
+
+
+def _read_only(kind: SourceKind, request: Request, expected: str | None, error: ReadOnlyFolder) -> Fetched:
+    """A collection folder that cannot be written (the offline recipe: collected on a login node,
+    mounted read-only on the compute nodes): its file is reused, without a lock, when its record
+    vouches for it (source, revision, strategy, size, identity of the file); else one clear error."""
+    shown = kind.shown(request.source)
+    fetched = kind.reusable(request)
+    if fetched is None:
+        raise FetchError(
+            f"The collection folder {error}, and '{request.save_filename}' in it is not a file collected from "
+            f"'{shown}' that can be reused as is (it is missing, has no record, or its record names another "
+            "source, revision, strategy or size).",
+            source=shown,
+            hint="Collect it where the folder is writable (for example `pl-pretrain fetch` on the login node), "
+            "or give a writable collect_in.",
+        )
+    logger.info("'%s' is read-only; reusing '%s', which its record vouches for.", error.folder, fetched.path)
+    return _checked(fetched, expected)
 
 
 def _kind_for(fetch_from: FetchFrom, source: str) -> SourceKind:

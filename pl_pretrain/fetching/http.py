@@ -17,6 +17,7 @@ import socket
 import urllib.error
 import urllib.parse
 import urllib.request
+from typing import Any
 
 from pl_pretrain._constants import cache_root
 from pl_pretrain.errors import ConfigurationError, FetchError, OfflineError
@@ -56,14 +57,19 @@ class HttpKind(SourceKind):
     def default_savedir(self, source: str, filename: str) -> pathlib.Path:
         return _url_cache_dir(_join_url(source, filename))
 
+    def reusable(self, request: Request) -> Fetched | None:
+        assert request.savedir is not None
+        identity = _url_identity(request)
+        return _reusable(request.savedir, request.save_filename, identity, request.strategy, request.config)
+
     def placed(self, request: Request) -> Fetched:
         savedir, save_filename, config = request.savedir, request.save_filename, request.config
         assert savedir is not None
         dst = request.destination
         shown_source = redact_url(request.source, config.shown_query)
         shown_filename = _redact_filename(request.filename, config.shown_query)
-        identity = _identity(FetchFrom.URI, shown_source, shown_filename, config.revision)
-        reused = _reusable(savedir, save_filename, identity, request.strategy, config)
+        identity = _url_identity(request)
+        reused = self.reusable(request)
         if reused is not None:
             return reused
         url = _join_url(request.source, request.filename)
@@ -87,6 +93,14 @@ class HttpKind(SourceKind):
 
 
 KIND = HttpKind()
+
+
+def _url_identity(request: Request) -> dict[str, Any]:
+    """Returns what makes two URL fetches the same file: the address without its credentials and secret query values."""
+    config = request.config
+    shown_source = redact_url(request.source, config.shown_query)
+    shown_filename = _redact_filename(request.filename, config.shown_query)
+    return _identity(FetchFrom.URI, shown_source, shown_filename, config.revision)
 
 
 def _join_url(prefix: str, filename: str) -> str:
@@ -113,6 +127,32 @@ def _split_credentials(url: str) -> tuple[str, str | None]:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc)), f"Basic {token}"
 
 
+def _check_body_kind(headers: Any, safe_url: str, source: str) -> None:
+    """Refuses a body that is not the file's bytes as they are: compressed, or an HTML page.
+
+    Bytes are stored as served and never decoded, so a ``Content-Encoding`` other than identity
+    (sent despite ``Accept-Encoding: identity``) would be stored compressed; an HTML page answered
+    with 200 is a login or error page, not a checkpoint.
+    """
+    encoding = (headers.get("Content-Encoding") or "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise FetchError(
+            f"{safe_url} was sent with Content-Encoding: {encoding}, although identity was asked for; "
+            "its bytes would not be the file's.",
+            source=source,
+            hint="Serve the file uncompressed (a server or proxy compresses it), or fetch and decompress it "
+            "yourself and give the local path.",
+        )
+    if headers.get_content_type() in ("text/html", "application/xhtml+xml"):
+        raise FetchError(
+            f"{safe_url} answered with an HTML page (Content-Type: {headers.get_content_type()}), not the file: "
+            "a login or error page.",
+            source=source,
+            hint="Check the address; if the server needs a login, give credentials in the address "
+            "(https://user:token@host/...).",
+        )
+
+
 def _download_url(url: str, dst: pathlib.Path, config: FetchConfig, *, source: str) -> tuple[pathlib.Path, str, int]:
     """Downloads `url` whole into a temporary file beside `dst`; returns (that file, sha256, size).
 
@@ -132,6 +172,7 @@ def _download_url(url: str, dst: pathlib.Path, config: FetchConfig, *, source: s
         done = False
         try:
             with urllib.request.urlopen(request, timeout=config.timeout) as response:
+                _check_body_kind(response.headers, safe_url, source)
                 length = response.headers.get("Content-Length")
                 expected = int(length) if length is not None and length.isdigit() else None
                 digest = hashlib.sha256()

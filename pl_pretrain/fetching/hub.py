@@ -50,6 +50,15 @@ class HubKind(SourceKind):
         )
         return _hub_fetched(cached, request.source, request.filename, config)
 
+    def reusable(self, request: Request, *, ask_again: bool = False) -> Fetched | None:
+        """`ask_again` (``allow_updates`` with the network on) refuses even a file its record vouches for."""
+        assert request.savedir is not None
+        config = request.config
+        identity = _identity(FetchFrom.HUGGING_FACE, request.source, request.filename, config.revision)
+        return _reusable(
+            request.savedir, request.save_filename, identity, request.strategy, config, ask_again=ask_again
+        )
+
     def placed(self, request: Request) -> Fetched:
         source, filename, savedir, save_filename = (
             request.source,
@@ -62,9 +71,7 @@ class HubKind(SourceKind):
         dst = request.destination
         identity = _identity(FetchFrom.HUGGING_FACE, source, filename, config.revision)
         network = _network_allowed(config)
-        reused = _reusable(
-            savedir, save_filename, identity, strategy, config, ask_again=config.allow_updates and network
-        )
+        reused = self.reusable(request, ask_again=config.allow_updates and network)
         if reused is not None:
             return reused
         repo_id, subfolder = _check_hub_id(source)

@@ -7,7 +7,8 @@
 2. `unplaced`: the file where it already lives (the source folder, the Hub cache), when no
    destination is wanted (no `savedir`, or ``NO_LINK``);
 3. `placed`: with the destination's lock held, bring the file into ``savedir/save_filename``,
-   recording its identity (`records`) and writing only whole files (`placement`).
+   recording its identity (`records`) and writing only whole files (`placement`); or, when that
+   folder is read-only, `reusable` alone: the file its record vouches for, or nothing.
 
 A new kind is one module with one `SourceKind` subclass, plus one line in ``fetch._KINDS``.
 See docs/architecture.md.
@@ -76,6 +77,13 @@ class SourceKind:
 
     def unplaced(self, request: Request) -> Fetched | None:
         """Returns the file where it already lives, or None when this kind has no such place."""
+        return None
+
+    def reusable(self, request: Request) -> Fetched | None:
+        """Returns the file already at `request.destination` when its record vouches for it, else None.
+
+        Called by `placed` first, and alone (without a lock) when the destination's folder is read-only.
+        """
         return None
 
     def placed(self, request: Request) -> Fetched:

@@ -9,10 +9,12 @@ files; whoever holds the lock also removes what killed writers left behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import logging
 import os
 import pathlib
+import re
 import shutil
 import uuid
 import warnings
@@ -30,8 +32,24 @@ _CHUNK = 8 * 1024 * 1024
 _LOCK_TIMEOUT_S = 6 * 3600.0
 _LOCK_POLL_S = 5.0
 
+_STALE_TMP = re.compile(r"[0-9a-f]{32}\.tmp")  # what follows ".<name>." in a name `_tmp_beside` made
+_STALE_SCRATCH = re.compile(r"-[0-9a-f]{32}")  # what follows "hub-<name>" in a name `_scratch_dir` made
+
 _symlink_fallback_warned = False
 """Set once the fallback from links to copies was reported: one warning per process, not per file."""
+
+
+_READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+class ReadOnlyFolder(Exception):
+    """The collection folder cannot be written (a read-only mount, no permission): nothing can be
+    locked or placed there, only reused as its records vouch (see `fetch_file`)."""
+
+    def __init__(self, folder: pathlib.Path, error: OSError) -> None:
+        super().__init__(f"'{folder}' cannot be written: {error.strerror or error}")
+        self.folder = folder
+        self.reason = error.strerror or str(error)
 
 
 @contextlib.contextmanager
@@ -44,6 +62,10 @@ def _locked(savedir: pathlib.Path, save_filename: str) -> Iterator[None]:
         try:
             lock.acquire()
             break
+        except OSError as error:
+            if error.errno in _READ_ONLY:
+                raise ReadOnlyFolder(savedir, error) from None
+            raise
         except filelock.Timeout:
             waited += _LOCK_POLL_S
             if waited == _LOCK_POLL_S:
@@ -56,11 +78,15 @@ def _locked(savedir: pathlib.Path, save_filename: str) -> Iterator[None]:
     try:
         # Writers hold this lock, so any temporary file or scratch folder of this destination is
         # left over from a killed process: it is never trusted and can go.
+        # Only this destination's own names: `.<name>.<32 hex>.tmp` and `hub-<name>-<32 hex>`, so
+        # that key `a` never removes the in-flight files of key `a.ckpt.b`.
         name = glob.escape(save_filename)
         for stale in savedir.glob(f".{name}.*.tmp"):
-            stale.unlink(missing_ok=True)
+            if _STALE_TMP.fullmatch(stale.name[len(save_filename) + 2 :]):
+                stale.unlink(missing_ok=True)
         for stale in (savedir / RECORD_DIR).glob(f"{_SCRATCH_PREFIX}{name}-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+            if _STALE_SCRATCH.fullmatch(stale.name[len(_SCRATCH_PREFIX) + len(save_filename) :]):
+                shutil.rmtree(stale, ignore_errors=True)
         yield
     finally:
         lock.release()
@@ -81,6 +107,8 @@ def _make_dirs(folder: pathlib.Path, source: str) -> None:
     try:
         (folder / RECORD_DIR).mkdir(parents=True, exist_ok=True)
     except OSError as error:
+        if error.errno in _READ_ONLY and folder.is_dir():
+            raise ReadOnlyFolder(folder, error) from None
         raise FetchError(f"Could not create the folder '{folder}': {error}", source=source) from error
 
 

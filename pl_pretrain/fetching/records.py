@@ -35,13 +35,32 @@ def _read_record(savedir: pathlib.Path, save_filename: str) -> dict[str, Any] | 
 
 
 def _write_record(savedir: pathlib.Path, save_filename: str, record: dict[str, Any]) -> None:
+    """Writes a record whole: fsynced before its rename, and the rename fsynced, so that after a
+    power cut the record is either the old one or the new one, never empty or torn."""
     path = _record_path(savedir, save_filename)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
+        with open(tmp, "w") as out:
+            out.write(json.dumps(record, indent=1, sort_keys=True))
+            out.flush()
+            os.fsync(out.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _fsync_dir(folder: pathlib.Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # some filesystems (and Windows) cannot open a folder; the rename still happened
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _remove_record(savedir: pathlib.Path, save_filename: str) -> None:
@@ -50,7 +69,19 @@ def _remove_record(savedir: pathlib.Path, save_filename: str) -> None:
 
 def _begin_placing(savedir: pathlib.Path, save_filename: str, source: str) -> None:
     """Marks the destination as being replaced: a process killed before `_finish_placing` leaves a
-    file that no record vouches for, so the next run places it again instead of trusting it."""
+    file that no record vouches for, so the next run places it again instead of trusting it.
+
+    A file already there with no record at all was put there by the user (or an older tool): it is
+    replaced, as SpeechBrain would, but not silently.
+    """
+    dst = savedir / save_filename
+    if (dst.exists() or dst.is_symlink()) and not _record_path(savedir, save_filename).exists():
+        logger.warning(
+            "Replacing '%s', which pl_pretrain did not place (it has no record in '%s'), with the file from '%s'.",
+            dst,
+            savedir / RECORD_DIR,
+            source,
+        )
     try:
         _write_record(savedir, save_filename, {"placing": True})
     except OSError as error:
@@ -83,8 +114,19 @@ def _same(record: dict[str, Any], identity: dict[str, Any], strategy: LocalStrat
     return all(record.get(k) == v for k, v in identity.items()) and record.get("strategy") == strategy.name
 
 
+def _file_stat(path: pathlib.Path) -> dict[str, int] | None:
+    """Returns what tells a file from a same-size rewrite that kept its mtime (``cp -p``, ``rsync -t``):
+    its inode and change time beside size and mtime (of the file a link leads to)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino}
+
+
 def _record_of(fetched: Fetched, identity: dict[str, Any], strategy: LocalStrategy) -> dict[str, Any]:
     return {
+        "file": _file_stat(fetched.path),
         **identity,
         "strategy": strategy.name,
         "location": fetched.location,
@@ -143,10 +185,20 @@ def _reusable(
             size=dst.stat().st_size,
             reused=True,
         )
-    # A file whose size no longer matches its record was cut short or rewritten by something else.
-    if not ask_again and _same(record, identity, strategy) and _size_of(dst) == record.get("size"):
+    # A file whose size no longer matches its record was cut short or rewritten by something else;
+    # one rewritten at the same size keeps neither its inode nor its change time.
+    if not ask_again and _same(record, identity, strategy) and _unchanged(record, dst):
         return _fetched_from_record(record, dst, reused=True)
     return None
+
+
+def _unchanged(record: dict[str, Any], dst: pathlib.Path) -> bool:
+    """True when `dst` is still the file its record describes (records of older versions: by size)."""
+    stat = _file_stat(dst)
+    if stat is None or stat["size"] != record.get("size"):
+        return False
+    recorded = record.get("file")
+    return recorded is None or recorded == stat
 
 
 def _size_of(path: pathlib.Path) -> int | None:

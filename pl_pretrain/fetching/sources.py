@@ -155,8 +155,13 @@ def guess_source(source: str | os.PathLike | FetchSource) -> tuple[FetchFrom, st
     """Returns ``(FetchFrom, path)`` for a source: a URL, an existing folder, or a Hub repo id.
 
     ``http://``, ``https://`` and the object stores' ``s3://``, ``gs://``, ``az://``, ``abfs://``
-    are URIs; an existing directory is local; anything else is taken as a Hub repo id. A
-    `FetchSource` is returned as given. Other URL schemes (``file://``, ``ftp://``) are rejected
+    are URIs; an existing directory is local; a text that cannot be a Hub repo id is local too
+    (its folder is missing: the fetch says "no such local folder" and asks nothing of the network);
+    anything else is taken as a Hub repo id ``org/name``. A text cannot be a repo id when it looks
+    like a path (``/``, ``./``, ``~``, ``\\``), has more than two ``/``-separated parts, or its
+    first part exists here (``data/pretrained`` while ``data/`` exists). A file in a Hub repo's
+    subfolder is therefore asked for explicitly: ``FetchSource(FetchFrom.HUGGING_FACE, "org/repo/sub")``.
+    A `FetchSource` is returned as given. Other URL schemes (``file://``, ``ftp://``) are rejected
     unless they name an existing folder.
     """
     from pl_pretrain.fetching.objectstore import is_object_url  # its backends are imported only when used
@@ -181,7 +186,21 @@ def guess_source(source: str | os.PathLike | FetchSource) -> tuple[FetchFrom, st
             source=text,
             hint="Give a local folder as a plain path, or serve the file over http(s) or from an object store.",
         )
+    if not_a_hub_id(text) is not None:
+        return FetchFrom.LOCAL, text
     return FetchFrom.HUGGING_FACE, text
+
+
+def not_a_hub_id(text: str) -> str | None:
+    """Returns why `text` is taken for a local path rather than a Hub repo id, or None when it may be one."""
+    parts = text.rstrip("/").split("/")
+    if text.startswith(("/", "./", "../", "~")) or os.path.isabs(text) or "\\" in text:
+        return "it is written as a path"
+    if len(parts) > 2:
+        return f"it has {len(parts)} '/'-separated parts, and a Hub repo id has two ('org/name')"
+    if len(parts) == 2 and parts[0] and pathlib.Path(parts[0]).expanduser().exists():
+        return f"'{parts[0]}' exists here"
+    return None
 
 
 def check_file_name(name: str, *, what: str = "save_filename") -> str:

@@ -41,9 +41,11 @@ def detect_format(path: PathLike) -> str:
     except OSError as error:
         raise TransferError(f"Could not read '{path}': {error}") from error
     if not head:
-        raise TransferError(
-            f"'{path}' is empty, not a checkpoint.",
-            hint="The file was truncated or never written; collect it again (FetchConfig(overwrite=True)).",
+        raise _unreadable(
+            TransferError(
+                f"'{path}' is empty, not a checkpoint.",
+                hint="The file was truncated or never written; collect it again (FetchConfig(overwrite=True)).",
+            )
         )
     if head.startswith(_ZIP_MAGIC):
         return "torch"
@@ -54,10 +56,12 @@ def detect_format(path: PathLike) -> str:
         return "index"
     if head[:1] == b"\x80":
         return "torch-legacy"  # a bare pickle: torch.save(_use_new_zipfile_serialization=False)
-    raise TransferError(
-        f"'{path}' is not a checkpoint pl_pretrain can read: it is neither a PyTorch file, "
-        f"a safetensors file nor a sharded-checkpoint index (it starts with {head[:8]!r}).",
-        hint="Check that the source file is a state dict; for another format pass a custom hook.",
+    raise _unreadable(
+        TransferError(
+            f"'{path}' is not a checkpoint pl_pretrain can read: it is neither a PyTorch file, "
+            f"a safetensors file nor a sharded-checkpoint index (it starts with {head[:8]!r}).",
+            hint="Check that the source file is a state dict; for another format pass a custom hook.",
+        )
     )
 
 
@@ -110,7 +114,7 @@ def _read_single(path: pathlib.Path, fmt: str, options: TransferOptions) -> tupl
                 f"'{path}' is a zip archive but not a PyTorch checkpoint (it holds {_few(members, 5)}).",
                 hint="Check that the source file is a state dict saved by torch.save; for another format pass a custom hook.",
             ) from error
-        raise TransferError(f"Could not read '{path}': {type(error).__name__}: {error}") from error
+        raise _unreadable(TransferError(f"Could not read '{path}': {type(error).__name__}: {error}")) from error
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         # A Lightning checkpoint (or any training checkpoint with a state_dict entry): the
         # optimizer states, loops and hyper-parameters beside it are not parameters.
@@ -144,6 +148,13 @@ def _zip_members(path: pathlib.Path) -> list[str] | None:
         return None
 
 
+def _unreadable(error: TransferError) -> TransferError:
+    """Marks an error caused by the file's bytes (empty, cut short, damaged, not a checkpoint at all),
+    as opposed to its content (no state dict, unsafe pickle): the fetcher may remove and fetch it again."""
+    error.unreadable = True  # type: ignore[attr-defined]
+    return error
+
+
 def _read_safetensors(path: pathlib.Path, options: TransferOptions) -> dict[str, torch.Tensor]:
     import safetensors.torch
 
@@ -153,9 +164,11 @@ def _read_safetensors(path: pathlib.Path, options: TransferOptions) -> dict[str,
             return safetensors.torch.load_file(str(path), device="cpu")
         return safetensors.torch.load(path.read_bytes())
     except Exception as error:  # SafetensorError, OSError, ValueError for a damaged header
-        raise TransferError(
-            f"Could not read '{path}' as safetensors: {type(error).__name__}: {error}",
-            hint="The file is damaged or truncated; collect it again (FetchConfig(overwrite=True)).",
+        raise _unreadable(
+            TransferError(
+                f"Could not read '{path}' as safetensors: {type(error).__name__}: {error}",
+                hint="The file is damaged or truncated; collect it again (FetchConfig(overwrite=True)).",
+            )
         ) from error
 
 
