@@ -39,6 +39,7 @@ from pl_pretrain.fetching import (
     check_file_name,
     discard_unreadable,
     fetch_file,
+    fetch_shards,
     guess_source,
     parse_checksum,
     redact_url,
@@ -304,15 +305,19 @@ class Pretrainer:
             shards = shard_names(fetched.path)
             if shards:
                 # A sharded checkpoint's index: its shards live beside it in the source, and are
-                # collected into <collect_in>/<key>.shards/ (see shard_folder_name).
-                prefix = filename.rpartition("/")[0]
-                shard_dir = self._shard_dir(key)
-                for name in shards:
-                    try:
-                        fetch_file(f"{prefix}/{name}" if prefix else name, source, shard_dir, name, strategy, config)
-                    except PretrainerError as error:
-                        _named_by_the_index(error, name, filename)
-                        raise
+                # collected, several at a time, into <collect_in>/<key>.shards/ (see shard_folder_name);
+                # with no collect_in they stay where they live, URL shards beside their index.
+                fetch_shards(
+                    shards,
+                    source,
+                    filename.rpartition("/")[0],
+                    self._shard_dir(key),
+                    fetched.path,
+                    strategy,
+                    config,
+                    desc=key,
+                    on_failure=lambda error, name: _named_by_the_index(error, name, filename),
+                )
             return fetched
         except PretrainerError as error:
             error.with_context(key=key, source=shown)

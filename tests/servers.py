@@ -2,11 +2,16 @@
 
 Both run in a thread of the test process on 127.0.0.1, record every request they get (so a test
 can count downloads; `arrivals` counts requests as they arrive, before any answer, so a stalled
-one counts too), and can misbehave on purpose (drop a connection half-way, answer 500 first,
-announce more bytes than they send, send slowly, close without answering, echo the client's
-``Authorization`` header in an error body as some proxies do; the Hub can also announce a false
-ETag). A fault hits GET requests unless told otherwise (``methods=("HEAD", "GET")``): the Hub's
+one counts too, with its time in `arrival_times`), and can misbehave on purpose (drop a connection
+half-way, answer 500 or 429 with a ``Retry-After`` first, announce more bytes than they send, send
+slowly or one byte at a time, send a body that never ends, close without answering, echo the
+client's ``Authorization`` header in an error body as some proxies do; the Hub can also announce a
+false ETag). A fault hits GET requests unless told otherwise (``methods=("HEAD", "GET")``): the Hub's
 metadata request is a HEAD, and a stand-in that never fails it hides every bug of that path.
+
+`FileServer` answers like nginx or S3: ``Accept-Ranges: bytes``, a strong ``ETag`` and
+``Last-Modified``, ``Range`` requests (206) honoured only while ``If-Range`` still matches (else the
+whole file, 200); ``FileServer(ranges=False)`` is a server that knows no ranges.
 
 `HubServer` answers what ``huggingface_hub.hf_hub_download`` asks for:
 ``HEAD``/``GET /{repo_id}/resolve/{revision}/{filename}`` with ``ETag``, ``X-Repo-Commit`` and
@@ -16,6 +21,7 @@ metadata request is a HEAD, and a stand-in that never fails it hides every bug o
 
 from __future__ import annotations
 
+import email.utils
 import gzip
 import hashlib
 import http.server
@@ -45,15 +51,17 @@ class Fault:
 
     Attributes:
         kind: "drop" (close after half the body), "status" (answer `status` first), "short"
-            (announce the full length, send half), "slow" (sleep `delay` seconds per 64 KiB),
-            "close" (close the connection without answering: a reset, as a dead proxy gives);
-            bodies that are not the file: "gzip" (the file compressed, with ``Content-Encoding:
-            gzip``, despite ``Accept-Encoding: identity``), "html" (a login page, 200,
-            ``text/html``), "html-as-file" (the same page as ``application/octet-stream``), "cut"
-            (no ``Content-Length``, half the body, then the connection closes), "overlong"
-            (``Content-Length`` announces half of the body that follows).
+            (announce the full length, send half), "slow" (sleep `delay` seconds per `chunk` bytes;
+            ``chunk=1`` is a trickle), "endless" (no ``Content-Length``, `chunk` bytes every `delay`
+            seconds until the client goes, or 60 s), "close" (close the connection without
+            answering: a reset, as a dead proxy gives); bodies that are not the file: "gzip" (the
+            file compressed, with ``Content-Encoding: gzip``, despite ``Accept-Encoding: identity``),
+            "html" (a login page, 200, ``text/html``), "html-as-file" (the same page as
+            ``application/octet-stream``), "cut" (no ``Content-Length``, half the body, then the
+            connection closes), "overlong" (``Content-Length`` announces half of the body that follows).
         times: how many requests misbehave before the server answers normally (-1: always).
         status: the status code for kind "status".
+        retry_after: for kind "status", the ``Retry-After`` header to send (seconds or an HTTP date).
         delay: seconds per chunk for kind "slow".
         chunk: bytes per chunk for kind "slow".
         methods: the request methods that misbehave.
@@ -68,6 +76,7 @@ class Fault:
     chunk: int = 65536
     methods: tuple[str, ...] = ("GET",)
     echo_authorization: bool = False
+    retry_after: str | None = None
 
 
 _BAD_BODIES = ("gzip", "html", "html-as-file", "cut", "overlong")
@@ -88,6 +97,9 @@ class _Base:
     def __init__(self) -> None:
         self.requests: list[Request] = []
         self.arrived: list[tuple[str, str]] = []  # (method, path) as each request arrives, before any answer
+        self.arrival_times: list[tuple[str, str, float]] = []  # (method, path, time.monotonic()) of each
+        self.active = 0  # bodies being sent right now
+        self.most_active = 0  # the most bodies ever sent at once (concurrent downloads)
         self.faults: dict[str, Fault] = {}
         self._lock = threading.Lock()
         handler = self._make_handler()
@@ -114,6 +126,8 @@ class _Base:
         with self._lock:
             self.requests.clear()
             self.arrived.clear()
+            self.arrival_times.clear()
+            self.most_active = 0
 
     def arrivals(self, method: str | None = None, path_part: str = "") -> int:
         """Returns how many requests arrived (counted before the answer, so a stalled one counts too)."""
@@ -136,6 +150,17 @@ class _Base:
     def _arrive(self, method: str, path: str) -> None:
         with self._lock:
             self.arrived.append((method, path))
+            self.arrival_times.append((method, path, time.monotonic()))
+
+    def times(self, method: str = "GET", path_part: str = "") -> list[float]:
+        """Returns the arrival times (``time.monotonic()``) of the requests whose path contains `path_part`."""
+        with self._lock:
+            return [t for m, p, t in self.arrival_times if m == method and path_part in p]
+
+    def _busy(self, delta: int) -> None:
+        with self._lock:
+            self.active += delta
+            self.most_active = max(self.most_active, self.active)
 
     def _log(self, request: Request) -> None:
         with self._lock:
@@ -191,6 +216,8 @@ class _Base:
             if fault.echo_authorization:
                 h.send_header("Content-Type", "application/json")
                 h.send_header("X-Error-Message", said)
+            if fault.retry_after is not None:
+                h.send_header("Retry-After", fault.retry_after)
             h.send_header("Content-Length", str(len(error_body)))
             h.end_headers()
             if method == "GET":
@@ -201,13 +228,24 @@ class _Base:
         h.send_response(status)
         for name, value in headers.items():
             h.send_header(name, value)
-        h.send_header("Content-Length", str(len(body)))
+        if fault is None or fault.kind != "endless":
+            h.send_header("Content-Length", str(len(body)))
         if fault is not None:
             h.send_header("Connection", "close")
         h.end_headers()
         if method == "GET":
+            self._busy(+1)
             try:
-                if fault is not None and fault.kind in ("drop", "short"):
+                if fault is not None and fault.kind == "endless":
+                    h.close_connection = True
+                    until = time.monotonic() + 60.0
+                    while time.monotonic() < until:
+                        h.wfile.write(b"\0" * fault.chunk)
+                        h.wfile.flush()
+                        sent += fault.chunk
+                        entry.bytes_sent = sent
+                        time.sleep(fault.delay)
+                elif fault is not None and fault.kind in ("drop", "short"):
                     h.wfile.write(body[: len(body) // 2])
                     sent = len(body) // 2
                     h.wfile.flush()
@@ -222,11 +260,18 @@ class _Base:
                         sent += len(body[i : i + fault.chunk])
                         entry.bytes_sent = sent
                 else:
-                    h.wfile.write(body)
-                    sent = len(body)
+                    self._write_body(h, body, entry)
+                    sent = entry.bytes_sent
             except (BrokenPipeError, ConnectionResetError, OSError):
                 pass
+            finally:
+                self._busy(-1)
         entry.bytes_sent = sent
+
+    def _write_body(self, h, body: bytes, entry: Request) -> None:
+        """Sends a whole body; a subclass may pace it (a bandwidth cap)."""
+        h.wfile.write(body)
+        entry.bytes_sent = len(body)
 
     def _bad_body(self, h, kind: str, headers: dict[str, str], body: bytes) -> None:
         page = b"<!DOCTYPE html><html><body><form action='/login'>Please sign in</form></body></html>"
@@ -261,8 +306,13 @@ class _Base:
         raise NotImplementedError
 
 
-def _ranged(h, body: bytes) -> tuple[int, bytes, dict[str, str]]:
+def _ranged(h, body: bytes, validators: tuple[str, ...] = ()) -> tuple[int, bytes, dict[str, str]]:
+    """Returns (status, the part of `body` asked for, headers): a ``Range`` is honoured unless an
+    ``If-Range`` names none of the file's current `validators` (then the whole file, 200)."""
     header = h.headers.get("Range")
+    if_range = h.headers.get("If-Range")
+    if if_range is not None and if_range not in validators:
+        return 200, body, {}
     if header and header.startswith("bytes="):
         start_text, _, end_text = header[len("bytes=") :].partition("-")
         start = int(start_text or 0)
@@ -272,15 +322,28 @@ def _ranged(h, body: bytes) -> tuple[int, bytes, dict[str, str]]:
 
 
 class FileServer(_Base):
-    """Serves `files` (URL path -> bytes) over plain HTTP; 404 for anything else."""
+    """Serves `files` (URL path -> bytes) over plain HTTP; 404 for anything else.
 
-    def __init__(self, files: dict[str, bytes] | None = None) -> None:
+    With `ranges` (the default) it says ``Accept-Ranges: bytes`` and honours ``Range`` and
+    ``If-Range`` against the file's ETag (a hash of its bytes) and Last-Modified (when it was added).
+    """
+
+    def __init__(self, files: dict[str, bytes] | None = None, *, ranges: bool = True) -> None:
         super().__init__()
-        self.files: dict[str, bytes] = dict(files or {})
+        self.files: dict[str, bytes] = {}
+        self.modified: dict[str, str] = {}
+        self.ranges = ranges
+        self._versions = 0
+        for path, data in (files or {}).items():
+            self.add(path, data)
 
     def add(self, path: str, data: bytes) -> str:
         """Serves `data` at `path` and returns its full URL."""
-        self.files["/" + path.lstrip("/")] = data
+        key = "/" + path.lstrip("/")
+        self.files[key] = data
+        # Every version gets its own Last-Modified, even two within one second, as a validator must.
+        self._versions += 1
+        self.modified[key] = email.utils.formatdate(1_700_000_000 + self._versions, usegmt=True)
         return self.url + "/" + path.lstrip("/")
 
     def _handle(self, h, method: str) -> None:
@@ -289,8 +352,15 @@ class FileServer(_Base):
         if body is None:
             self._send(h, method, 404, {}, b"not found")
             return
-        status, chunk, extra = _ranged(h, body)
-        self._send(h, method, status, {"Content-Type": "application/octet-stream", **extra}, chunk)
+        headers = {"Content-Type": "application/octet-stream"}
+        if not self.ranges:
+            self._send(h, method, 200, headers, body)
+            return
+        etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+        modified = self.modified[path]
+        status, chunk, extra = _ranged(h, body, (etag, modified))
+        headers.update({"Accept-Ranges": "bytes", "ETag": etag, "Last-Modified": modified, **extra})
+        self._send(h, method, status, headers, chunk)
 
 
 @dataclass
@@ -364,7 +434,7 @@ class HubServer(_Base):
             return
         etag = hashlib.sha256(body).hexdigest() if self.sha256_etags else hashlib.sha1(body).hexdigest()
         etag = self.lying_etags.get(filename, etag)
-        status, chunk, extra = _ranged(h, body)
+        status, chunk, extra = _ranged(h, body, (f'"{etag}"',))
         headers = {"ETag": f'"{etag}"', "X-Repo-Commit": commit, "Accept-Ranges": "bytes", **extra}
         self._send(h, method, status, headers, chunk if method == "GET" else body)
 

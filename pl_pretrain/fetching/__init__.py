@@ -16,7 +16,8 @@ what differs is what can go wrong:
 
 The modules: `sources` (what is asked for and given back), `fetch` (the orchestration), `kinds`
 (the interface of one source kind), `local`, `http`, `hub` (the kinds), `network` (retries,
-offline switch, progress), `placement`, `records`, `integrity`, `redaction`. See
+offline switch, progress), `download` (one URL download: resume, Retry-After, bounds), `shards`
+(a sharded checkpoint's shards at once), `placement`, `records`, `integrity`, `redaction`. See
 docs/architecture.md. This package knows nothing about ranks or loadables.
 """
 
@@ -24,6 +25,7 @@ from pl_pretrain._constants import RECORD_DIR
 from pl_pretrain.fetching.fetch import fetch, fetch_file
 from pl_pretrain.fetching.integrity import discard_unreadable, file_sha256, parse_checksum, verify_sha256
 from pl_pretrain.fetching.redaction import redact_url
+from pl_pretrain.fetching.shards import fetch_shards
 from pl_pretrain.fetching.sources import (
     FetchConfig,
     Fetched,
@@ -44,6 +46,7 @@ __all__ = [
     "Fetched",
     "fetch",
     "fetch_file",
+    "fetch_shards",
     "guess_source",
     "file_sha256",
     "parse_checksum",

@@ -10,6 +10,7 @@ from pl_pretrain.errors import ConfigurationError, FetchError
 from pl_pretrain.fetching import http, hub, local, objectstore
 from pl_pretrain.fetching.integrity import _checked
 from pl_pretrain.fetching.kinds import Request, SourceKind
+from pl_pretrain.fetching.network import ProgressGroup
 from pl_pretrain.fetching.placement import ReadOnlyFolder, _locked, _make_dirs
 from pl_pretrain.fetching.sources import (
     FetchConfig,
@@ -77,6 +78,21 @@ def fetch_file(
     When `sha256` (a hex digest) is given, the placed file is verified against it, whether it was
     just fetched or already there; a file that does not match is removed and `ChecksumError` raised.
     """
+    return _fetch(filename, source, savedir, save_filename, local_strategy, fetch_config, sha256=sha256)
+
+
+def _fetch(
+    filename: str,
+    source: str | os.PathLike | FetchSource,
+    savedir: str | os.PathLike | None,
+    save_filename: str | None,
+    local_strategy: LocalStrategy,
+    fetch_config: FetchConfig | None,
+    *,
+    sha256: str | None = None,
+    progress: ProgressGroup | None = None,
+) -> Fetched:
+    """`fetch_file`, with a progress bar shared among files fetched at once (`progress`)."""
     config = as_fetch_config(fetch_config)
     strategy = as_local_strategy(local_strategy)
     fetch_from, source_text = guess_source(source)
@@ -96,7 +112,7 @@ def fetch_file(
         strategy = LocalStrategy.NO_LINK if savedir_path is None else LocalStrategy.COPY_SKIP_CACHE
     else:
         savedir_path = pathlib.Path(savedir).expanduser().absolute()
-    request = Request(source_text, filename, savedir_path, save_filename, strategy, config)
+    request = Request(source_text, filename, savedir_path, save_filename, strategy, config, progress)
 
     kind.check(request)
     if savedir_path is None or strategy is LocalStrategy.NO_LINK:
@@ -131,6 +147,12 @@ def _read_only(kind: SourceKind, request: Request, expected: str | None, error: 
         )
     logger.info("'%s' is read-only; reusing '%s', which its record vouches for.", error.folder, fetched.path)
     return _checked(fetched, expected)
+
+
+def _has_own_place(source: str | os.PathLike | FetchSource, filename: str) -> bool:
+    """True when the kind of `source` keeps files where they live (a folder, the Hub cache); False for URLs."""
+    fetch_from, source_text = guess_source(source)
+    return _kind_for(fetch_from, source_text).default_savedir(source_text, filename) is None
 
 
 def _kind_for(fetch_from: FetchFrom, source: str) -> SourceKind:

@@ -1,4 +1,4 @@
-"""``http(s)://`` sources: a file downloaded whole with retries, credentials sent but never shown.
+"""``http(s)://`` sources: a file downloaded whole (`download`: resumed, bounded), credentials sent but never shown.
 
 A URL has no cache of its own: with no `savedir` the file is downloaded to
 ``$PL_PRETRAIN_CACHE/urls/<hash of the address>/``, and ``NO_LINK`` still downloads into `savedir`.
@@ -10,25 +10,19 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import http.client
-import os
 import pathlib
-import socket
-import urllib.error
 import urllib.parse
-import urllib.request
 from typing import Any
 
 from pl_pretrain._constants import cache_root
 from pl_pretrain.errors import ConfigurationError, FetchError, OfflineError
+from pl_pretrain.fetching.download import download
 from pl_pretrain.fetching.kinds import Request, SourceKind
-from pl_pretrain.fetching.network import _network_allowed, _offline_state, _progress_bar, _retrying, _Transient
-from pl_pretrain.fetching.placement import _move, _tmp_beside
+from pl_pretrain.fetching.network import ProgressGroup, _network_allowed, _offline_state
+from pl_pretrain.fetching.placement import _move
 from pl_pretrain.fetching.records import _begin_placing, _finish_placing, _identity, _record_of, _reusable
-from pl_pretrain.fetching.redaction import _redact_filename, _scrub, _url_secrets, redact_url, unescaped_password
+from pl_pretrain.fetching.redaction import _redact_filename, _url_secrets, redact_url, unescaped_password
 from pl_pretrain.fetching.sources import FetchConfig, Fetched, FetchFrom
-
-_NET_CHUNK = 1024 * 1024  # smaller reads let the disk write while the network delivers
 
 
 class HttpKind(SourceKind):
@@ -80,7 +74,7 @@ class HttpKind(SourceKind):
                 source=shown_source,
                 hint="Fetch it once with network (for example `pl-pretrain fetch`), or allow the network.",
             )
-        tmp, sha, size = _download_url(url, dst, config, source=shown_source)
+        tmp, sha, size = _download_url(url, dst, config, source=shown_source, progress=request.progress)
         try:
             _begin_placing(savedir, save_filename, shown_source)
             _move(tmp, dst, shown_source)
@@ -153,64 +147,24 @@ def _check_body_kind(headers: Any, safe_url: str, source: str) -> None:
         )
 
 
-def _download_url(url: str, dst: pathlib.Path, config: FetchConfig, *, source: str) -> tuple[pathlib.Path, str, int]:
-    """Downloads `url` whole into a temporary file beside `dst`; returns (that file, sha256, size).
+def _download_url(
+    url: str, dst: pathlib.Path, config: FetchConfig, *, source: str, progress: ProgressGroup | None = None
+) -> tuple[pathlib.Path, str, int]:
+    """Downloads `url` whole into a partial file beside `dst`; returns (that file, sha256, size).
 
-    The caller renames the file into place (or removes it).
+    The caller renames the file into place (or removes it). Resumes, Retry-After and the bounds
+    on time and size are `download`'s.
     """
-    safe_url = redact_url(url, config.shown_query)
     request_url, authorization = _split_credentials(url)
-    secrets = _url_secrets(url, config.shown_query)
-
-    def attempt() -> tuple[pathlib.Path, str, int]:
-        tmp = _tmp_beside(dst)
-        request = urllib.request.Request(
-            request_url, headers={"User-Agent": "pl-pretrain", "Accept-Encoding": "identity"}
-        )
-        if authorization is not None:
-            request.add_unredirected_header("Authorization", authorization)
-        done = False
-        try:
-            with urllib.request.urlopen(request, timeout=config.timeout) as response:
-                _check_body_kind(response.headers, safe_url, source)
-                length = response.headers.get("Content-Length")
-                expected = int(length) if length is not None and length.isdigit() else None
-                digest = hashlib.sha256()
-                size = 0
-                with open(tmp, "wb") as out, _progress_bar(expected, dst.name, config.progress) as bar:
-                    while chunk := response.read(_NET_CHUNK):
-                        out.write(chunk)
-                        digest.update(chunk)
-                        size += len(chunk)
-                        bar.update(len(chunk))
-                    out.flush()
-                    os.fsync(out.fileno())
-                if expected is not None and size != expected:
-                    raise _Transient(
-                        f"the connection ended after {size} of the {expected} bytes announced by Content-Length"
-                    )
-            done = True
-            return tmp, digest.hexdigest(), size
-        except urllib.error.HTTPError as error:
-            if error.code >= 500 or error.code in (408, 429):
-                raise _Transient(f"HTTP {error.code} {error.reason}") from None
-            hint = {
-                404: "Check the address; the server has no such file.",
-                401: "The server wants credentials; give them in the address (https://user:token@host/...).",
-                403: "The server refuses access to this file.",
-            }.get(error.code, "Check the address.")
-            raise FetchError(f"HTTP {error.code} {error.reason} for {safe_url}.", source=source, hint=hint) from None
-        except TimeoutError:
-            raise _Transient(f"timed out: no data for {config.timeout:g} s (FetchConfig(timeout=...))") from None
-        except (urllib.error.URLError, http.client.HTTPException, ConnectionError) as error:
-            reason = getattr(error, "reason", error)
-            if isinstance(reason, (socket.timeout, TimeoutError)):
-                raise _Transient(f"timed out: no answer for {config.timeout:g} s (FetchConfig(timeout=...))") from None
-            raise _Transient(_scrub(f"{type(error).__name__}: {reason}", secrets)) from None
-        except OSError as error:
-            raise FetchError(f"Could not write '{dst}': {error}", source=source) from error
-        finally:
-            if not done:
-                tmp.unlink(missing_ok=True)
-
-    return _retrying(f"Downloading {safe_url}", config, attempt, source=source)
+    shown_url = redact_url(url, config.shown_query)
+    return download(
+        request_url,
+        authorization,
+        dst,
+        config,
+        shown_url=shown_url,
+        source=source,
+        secrets=_url_secrets(url, config.shown_query),
+        progress=progress,
+        check=lambda headers: _check_body_kind(headers, shown_url, source),
+    )

@@ -19,7 +19,14 @@ from collections.abc import Callable
 from pl_pretrain.errors import ChecksumError, FetchError, OfflineError
 from pl_pretrain.fetching.integrity import _is_sha256, _remove_hub_entry, file_sha256
 from pl_pretrain.fetching.kinds import Request, SourceKind
-from pl_pretrain.fetching.network import _network_allowed, _offline, _offline_state, _retrying, _Transient
+from pl_pretrain.fetching.network import (
+    ProgressGroup,
+    _network_allowed,
+    _offline,
+    _offline_state,
+    _retrying,
+    _Transient,
+)
 from pl_pretrain.fetching.placement import _move, _place, _scratch_dir
 from pl_pretrain.fetching.records import _begin_placing, _finish_placing, _identity, _record_of, _reusable
 from pl_pretrain.fetching.redaction import _scrub, scrubbed_chain
@@ -47,6 +54,7 @@ class HubKind(SourceKind):
             cache_dir=config.huggingface_cache_dir,
             source=request.source,
             local_only=not _network_allowed(config),
+            progress=request.progress,
         )
         return _hub_fetched(cached, request.source, request.filename, config)
 
@@ -80,7 +88,14 @@ class HubKind(SourceKind):
             scratch = _scratch_dir(savedir, save_filename)
             try:
                 cached = _hub_download(
-                    repo_id, filename, subfolder, config, cache_dir=scratch, source=source, local_only=not network
+                    repo_id,
+                    filename,
+                    subfolder,
+                    config,
+                    cache_dir=scratch,
+                    source=source,
+                    local_only=not network,
+                    progress=request.progress,
                 )
                 fetched = _hub_fetched(cached, source, filename, config)
                 _begin_placing(savedir, save_filename, source)
@@ -97,6 +112,7 @@ class HubKind(SourceKind):
                 cache_dir=config.huggingface_cache_dir,
                 source=source,
                 local_only=not network,
+                progress=request.progress,
             )
             fetched = _hub_fetched(cached, source, filename, config)
             _begin_placing(savedir, save_filename, source)
@@ -193,6 +209,7 @@ def _hub_download(
     cache_dir: str | pathlib.Path | None,
     source: str,
     local_only: bool,
+    progress: ProgressGroup | None = None,
 ) -> pathlib.Path:
     """Returns the path of the file in the Hub cache, downloading it with retries when needed.
 
@@ -200,6 +217,7 @@ def _hub_download(
     huggingface_hub does not retry): a failing Hub is then retried by `FetchConfig.retries` and
     reported with its real status, instead of huggingface_hub's own ~25 s of retries ending in
     "check your connection". A file already in the Hub cache is still used when the Hub is down.
+    `progress`: a bar shared with files fetched at once, fed through ``hf_hub_download(tqdm_class=)``.
     """
     from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
 
@@ -219,6 +237,7 @@ def _hub_download(
                 local_files_only=local_files_only,
                 etag_timeout=config.timeout,
                 library_name="pl-pretrain",
+                tqdm_class=None if progress is None else progress.tqdm_class(shown),
             )
         )
 

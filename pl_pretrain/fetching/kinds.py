@@ -20,6 +20,7 @@ import pathlib
 from dataclasses import dataclass
 from typing import ClassVar
 
+from pl_pretrain.fetching.network import ProgressGroup
 from pl_pretrain.fetching.sources import FetchConfig, Fetched, FetchFrom, LocalStrategy
 
 
@@ -34,6 +35,7 @@ class Request:
         save_filename: the file's name inside `savedir`.
         strategy: how the file is placed in `savedir`.
         config: how to fetch.
+        progress: a progress bar shared with files fetched at once (None: each file shows its own).
     """
 
     source: str
@@ -42,6 +44,7 @@ class Request:
     save_filename: str
     strategy: LocalStrategy
     config: FetchConfig
+    progress: ProgressGroup | None = None
 
     @property
     def destination(self) -> pathlib.Path:

@@ -87,6 +87,13 @@ def _locked(savedir: pathlib.Path, save_filename: str) -> Iterator[None]:
         for stale in (savedir / RECORD_DIR).glob(f"{_SCRATCH_PREFIX}{name}-*"):
             if _STALE_SCRATCH.fullmatch(stale.name[len(_SCRATCH_PREFIX) + len(save_filename) :]):
                 shutil.rmtree(stale, ignore_errors=True)
+        # A partial download is kept for the next run only with the record of its validator: without
+        # it nobody can ask the server whether the bytes still belong to the same file.
+        partial, validator = _partial_paths(savedir, save_filename)
+        if not validator.is_file():
+            partial.unlink(missing_ok=True)
+        elif not partial.is_file():
+            validator.unlink(missing_ok=True)
         yield
     finally:
         lock.release()
@@ -100,6 +107,12 @@ _SCRATCH_PREFIX = "hub-"
 def _scratch_dir(savedir: pathlib.Path, save_filename: str) -> pathlib.Path:
     """Returns a fresh folder name for one download into `savedir`; `_locked` removes it if its writer died."""
     return savedir / RECORD_DIR / f"{_SCRATCH_PREFIX}{save_filename}-{uuid.uuid4().hex}"
+
+
+def _partial_paths(savedir: pathlib.Path, save_filename: str) -> tuple[pathlib.Path, pathlib.Path]:
+    """Returns (the partial file of a resumable download into `savedir`, the record of its validator)."""
+    folder = savedir / RECORD_DIR
+    return folder / f"{save_filename}.partial", folder / f"{save_filename}.partial.json"
 
 
 def _make_dirs(folder: pathlib.Path, source: str) -> None:

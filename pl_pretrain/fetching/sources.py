@@ -95,6 +95,16 @@ class FetchConfig:
             logs, records, provenance and checkpoints, and so is not part of a collected file's
             identity: a parameter that chooses *which* file is served belongs here, so that
             changing it fetches again.
+        max_time: keyword only; seconds one file may take in all, retries and waits included
+            (default 6 h; ``None``: no bound). A URL download that runs out is a `FetchError`
+            naming ``max_time``; its partial file is kept, so the next run resumes it.
+        max_bytes: keyword only; the most bytes one URL download may deliver (``None``: no bound
+            but the size the server announces). A body longer than this, or than its
+            ``Content-Length``, is a `FetchError` and nothing is kept.
+        max_retry_wait: keyword only; the longest wait a server's ``Retry-After`` (on 429 and
+            503) is honoured for, in seconds (default 300): a longer ask waits this long.
+        parallel_shards: keyword only; how many shards of a sharded checkpoint (``*.index.json``)
+            are fetched at a time (default 8; 1 fetches them one by one).
 
     Raises:
         ConfigurationError: a field of the wrong type or out of range (``retries="many"``).
@@ -112,6 +122,10 @@ class FetchConfig:
     backoff: float = dataclasses.field(default=0.5, kw_only=True)
     storage_options: dict[str, Any] | None = dataclasses.field(default=None, kw_only=True, repr=False, hash=False)
     shown_query: tuple[str, ...] = dataclasses.field(default=(), kw_only=True)
+    max_time: float | None = dataclasses.field(default=6 * 3600.0, kw_only=True)
+    max_bytes: int | None = dataclasses.field(default=None, kw_only=True)
+    max_retry_wait: float = dataclasses.field(default=300.0, kw_only=True)
+    parallel_shards: int = dataclasses.field(default=8, kw_only=True)
 
     def __post_init__(self) -> None:
         _check_fetch_config(self)
@@ -285,7 +299,29 @@ def _check_fetch_config(config: FetchConfig) -> None:
     if isinstance(shown, str) or not isinstance(shown, (tuple, list)) or not all(isinstance(n, str) for n in shown):
         raise bad("shown_query", 'a tuple of query parameter names, such as ("v",)')
     object.__setattr__(config, "shown_query", tuple(shown))  # a list is accepted, and frozen
+    _check_download_limits(config)
 
 
 def _class_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _check_download_limits(config: FetchConfig) -> None:
+    """Raises `ConfigurationError` naming the first bound of `config` (time, size, waits, shards) that cannot work."""
+
+    def number(field: str, *, whole: bool, optional: bool, low: float, what: str) -> None:
+        value = getattr(config, field)
+        if value is None and optional:
+            return
+        kind = numbers.Integral if whole else numbers.Real
+        if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or value < low:
+            raise ConfigurationError(
+                f"FetchConfig({field}={value!r}) is not valid: {field} must be {what}"
+                + (" or None." if optional else "."),
+                hint=f"Pass FetchConfig({field}=...) as documented in help(pl_pretrain.FetchConfig).",
+            )
+
+    number("max_time", whole=False, optional=True, low=1e-9, what="a finite number of seconds > 0")
+    number("max_bytes", whole=True, optional=True, low=0, what="a whole number of bytes >= 0")
+    number("max_retry_wait", whole=False, optional=False, low=0, what="a finite number of seconds >= 0")
+    number("parallel_shards", whole=True, optional=False, low=1, what="a whole number >= 1")
