@@ -2,7 +2,8 @@
 
 The Hub is reached only through ``huggingface_hub.hf_hub_download``: cache layout, ETags,
 revisions, tokens, ``HF_HOME``, ``HF_HUB_OFFLINE`` and ``HF_TOKEN`` are its business. What is ours:
-a source may name a subfolder (``org/repo/sub/dir``), an LFS file is checked against the sha256
+a source may name a subfolder (``FetchSource(FetchFrom.HUGGING_FACE, "org/repo/sub/dir")``: as a
+plain text, more than two parts are a local path, see `guess_source`), an LFS file is checked against the sha256
 its ETag names, transient failures are retried, and no token appears in an error.
 """
 
@@ -38,7 +39,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*
 
 
 class HubKind(SourceKind):
-    """Hub repos (``org/name``, optionally ``org/name/sub/dir``)."""
+    """Hub repos (``org/name``, or ``org/name/sub/dir`` given as a `FetchSource`)."""
 
     fetch_from = FetchFrom.HUGGING_FACE
 
