@@ -11,6 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from pl_pretrain.errors import (
+    ArgumentTypeError,
     ChecksumError,
     ConfigurationError,
     FetchError,
@@ -28,6 +29,7 @@ from pl_pretrain.transfer import (
     TransferOptions,
     TransferReport,
     mark_as_loader,
+    mark_as_saver,
     mark_as_transfer,
     plan_transfer,
     register_checkpoint_hooks,
@@ -65,6 +67,7 @@ __all__ = [
     "TransferOptions",
     "TransferReport",
     "mark_as_loader",
+    "mark_as_saver",
     "mark_as_transfer",
     "plan_transfer",
     "register_checkpoint_hooks",
@@ -76,6 +79,7 @@ __all__ = [
     # errors a user may catch
     "PretrainerError",
     "ConfigurationError",
+    "ArgumentTypeError",
     "FetchError",
     "OfflineError",
     "ChecksumError",

@@ -15,6 +15,7 @@ from typing import Any
 __all__ = [
     "PretrainerError",
     "ConfigurationError",
+    "ArgumentTypeError",
     "FetchError",
     "OfflineError",
     "ChecksumError",
@@ -101,6 +102,14 @@ class ConfigurationError(PretrainerError, ValueError):
     """The Pretrainer or the callback was set up in a way that cannot work (a fix in user code)."""
 
 
+class ArgumentTypeError(ConfigurationError, TypeError):
+    """An argument of the wrong type, or a decorated hook with the wrong signature: also a `TypeError`.
+
+    SpeechBrain raises `TypeError` for both, and its users catch that; the `ValueError` of
+    `ConfigurationError` is kept, so code catching either still catches this.
+    """
+
+
 class FetchError(PretrainerError, ValueError):
     """A file could not be brought from its source into the collection folder."""
 
@@ -130,6 +139,7 @@ _BY_NAME: dict[str, type[PretrainerError]] = {
     for cls in (
         PretrainerError,
         ConfigurationError,
+        ArgumentTypeError,
         FetchError,
         OfflineError,
         ChecksumError,

@@ -15,11 +15,12 @@ import os
 import pathlib
 import uuid
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from pl_pretrain import distributed
 from pl_pretrain._constants import DEFAULT_COLLECT_IN, PARAMFILE_EXT
 from pl_pretrain.errors import (
+    ArgumentTypeError,
     ChecksumError,
     ConfigurationError,
     FetchError,
@@ -35,6 +36,7 @@ from pl_pretrain.fetching import (
     FetchSource,
     LocalStrategy,
     as_fetch_config,
+    as_fetch_source,
     as_local_strategy,
     check_file_name,
     discard_unreadable,
@@ -56,6 +58,7 @@ from pl_pretrain.transfer import (
     shard_names,
     torch_parameter_transfer,
 )
+from pl_pretrain.transfer.speechbrain import speechbrain_hook
 
 __all__ = ["Pretrainer", "PARAMFILE_EXT", "shard_folder_name"]
 
@@ -123,6 +126,8 @@ class Pretrainer:
         self._hooked: dict[str, TransferReport] = {}  # key -> a row for the table, for keys loaded by their own hook
         self._synchronised = False
         self._fetched_here = False  # this process ran the fetch (the fetching rank): it alone may remove files
+        self._placed: dict[str, str] = {}  # key -> the collected file collect_files wrote into paths
+        self._configured: dict[str, Source | None] = {}  # key -> the path it was collected from
         self.add_loadables(loadables or {})
         self.add_paths(paths or {})
         self.add_custom_hooks(custom_hooks or {})
@@ -188,11 +193,12 @@ class Pretrainer:
                 return source, filename
             return "./", text
 
-        if isinstance(path, FetchSource):
-            fetch_from, inner = path
+        pinned = as_fetch_source(path)
+        if pinned is not None:
+            fetch_from, inner = pinned
             source, filename = split(str(inner))
             return FetchSource(fetch_from, source), filename
-        return split(os.fspath(path))
+        return split(os.fspath(cast("str | os.PathLike[str]", path)))
 
     def is_loadable(self, name: str) -> bool:
         """Returns True when `name` has no condition, or its condition (bool or callable) is true."""
@@ -208,14 +214,20 @@ class Pretrainer:
     def collect_files(
         self,
         default_source: Source | None = None,
-        internal_ddp_handling: bool = False,
-        *,
-        local_strategy: LocalStrategy = LocalStrategy.SYMLINK,
+        internal_ddp_handling: bool | LocalStrategy = False,
+        *speechbrain_fetch_config: FetchConfig,
+        local_strategy: LocalStrategy | None = None,
         fetch_config: FetchConfig | None = None,
         collect_per_node: bool | str = "auto",
         timeout: datetime.timedelta | float | None = None,
     ) -> dict[str, pathlib.Path]:
         """Returns key -> local path of each loadable's file, fetching what is missing.
+
+        Two positional forms are understood, told apart by the type of the second argument: the
+        seed's ``collect_files(default_source, internal_ddp_handling)`` (a ``bool``), and
+        SpeechBrain >= 1.1's ``collect_files(default_source, local_strategy, fetch_config)`` (a
+        `LocalStrategy`). Anything else there is a `TypeError`; nothing is reinterpreted.
+        Afterwards ``paths[key]`` is the collected file, as in SpeechBrain.
 
         Args:
             default_source: where keys without a path are looked for, as ``<default_source>/<key>.ckpt``.
@@ -223,8 +235,10 @@ class Pretrainer:
                 every rank gets the same mapping, and an error on the fetching rank is raised on
                 every rank. Must be called by every rank together. Without a process group this
                 simply fetches.
-            local_strategy: how files are placed in `collect_in`, see `LocalStrategy`.
-            fetch_config: see `FetchConfig` (``None``: the defaults).
+            local_strategy: how files are placed in `collect_in`, see `LocalStrategy`
+                (``None``: ``SYMLINK``). SpeechBrain's `LocalStrategy` is accepted.
+            fetch_config: see `FetchConfig` (``None``: the defaults). SpeechBrain's `FetchConfig`
+                is accepted and converted by value.
             collect_per_node: ``False``: global rank 0 fetches for the job; ``True``: the first
                 rank of each node fetches for its node; ``"auto"``: per node only for nodes that do
                 not see the collection folder of rank 0.
@@ -234,9 +248,12 @@ class Pretrainer:
         Raises:
             PretrainerError: a `FetchError` (a ``ValueError``) or `ConfigurationError` naming the
                 key, the source and what to change; under the protocol, on every rank.
+            ArgumentTypeError: (a ``TypeError``) a positional argument, `local_strategy` or
+                `fetch_config` of another type.
         """
-        config = as_fetch_config(fetch_config)
-        strategy = as_local_strategy(local_strategy)
+        ddp, strategy, config = _collect_arguments(
+            internal_ddp_handling, speechbrain_fetch_config, local_strategy, fetch_config
+        )
         per_node = distributed.as_per_node(collect_per_node)
 
         self._fetched_here = False
@@ -245,7 +262,7 @@ class Pretrainer:
             self._fetched_here = True  # only the ranks that fetch run the work
             return self._fetch_all(default_source, strategy, config)
 
-        if internal_ddp_handling:
+        if ddp:
             collected = distributed.run_once(
                 work,
                 per_node=per_node,
@@ -258,7 +275,24 @@ class Pretrainer:
             collected = work()
         self.collected = collected
         self.loadable_paths = {key: fetched.path for key, fetched in collected.items()}
+        for key, path in self.loadable_paths.items():
+            # SpeechBrain points paths[key] at the collected file; where it came from is kept for
+            # source_of, so that a later collect_files still asks the original source.
+            if self.paths.get(key) != self._placed.get(key):
+                self._configured[key] = self.paths.get(key)
+            self.paths[key] = self._placed[key] = str(path)
         return dict(self.loadable_paths)
+
+    def path_of(self, key: str) -> Source | None:
+        """Returns the path configured for `key` (None: it comes from the default source).
+
+        ``paths[key]``, unless `collect_files` pointed it at the collected file: then the path it
+        was collected from.
+        """
+        path = self.paths.get(key)
+        if path is not None and key in self._placed and path == self._placed[key]:
+            return self._configured.get(key)
+        return path
 
     def source_of(self, key: str, default_source: Source | None = None) -> tuple[Source, str] | None:
         """Returns (source, filename) that `key` is fetched from, or None when it has no path and no default.
@@ -266,8 +300,9 @@ class Pretrainer:
         A path in `paths` wins; otherwise the key is ``<default_source>/<key>.ckpt``. This is the one
         place that decides it: the fetch, the callback's checkpoint state and the CLI all ask here.
         """
-        if key in self.paths:
-            return self.split_path(self.paths[key])
+        path = self.path_of(key)
+        if path is not None:
+            return self.split_path(path)
         if default_source is not None:
             return default_source, key + PARAMFILE_EXT
         return None
@@ -424,8 +459,7 @@ class Pretrainer:
             ) from error
         if isinstance(result, TransferReport):
             return result
-        hook = self.custom_hooks.get(key) or get_default_hook(obj, DEFAULT_TRANSFER_HOOKS)
-        hook = hook or get_default_hook(obj, DEFAULT_LOAD_HOOKS)
+        hook, _ = self._hook_for(key, obj)
         self._hooked[key] = TransferReport(source=fetched.path, hook=getattr(hook, "__qualname__", repr(hook)))
         return None
 
@@ -454,27 +488,47 @@ class Pretrainer:
 
     def _call_hook(self, key: str, obj: Any, path: pathlib.Path) -> Any:
         options = self.transfer_options.get(key)
-        if key in self.custom_hooks:
-            return self.custom_hooks[key](obj, path)
-        hook = get_default_hook(obj, DEFAULT_TRANSFER_HOOKS)
-        if hook is torch_parameter_transfer:
+        hook, kind = self._hook_for(key, obj)
+        if hook is None:
+            raise ConfigurationError(
+                f"Don't know how to load a {type(obj).__module__}.{type(obj).__qualname__}.",
+                key=key,
+                hint="Pass custom_hooks={key: hook(obj, path)}, or decorate its class with "
+                "@register_checkpoint_hooks and @mark_as_transfer.",
+            )
+        if kind == "custom":
+            return hook(obj, path)
+        if kind == "module":
             return hook(obj, path, options, shard_dir=self._shard_dir(key))
         if options is not None:
             raise ConfigurationError(
                 f"transfer_options apply to torch.nn.Module loadables; '{key}' is a {type(obj).__name__}.",
                 key=key,
             )
-        if hook is not None:
-            return hook(obj, path)
-        hook = get_default_hook(obj, DEFAULT_LOAD_HOOKS)
-        if hook is not None:
+        if kind == "load":
             return hook(obj, path, False)
-        raise ConfigurationError(
-            f"Don't know how to load a {type(obj).__module__}.{type(obj).__qualname__}.",
-            key=key,
-            hint="Pass custom_hooks={key: hook(obj, path)}, or decorate its class with "
-            "@register_checkpoint_hooks and @mark_as_transfer.",
-        )
+        return hook(obj, path)
+
+    def _hook_for(self, key: str, obj: Any) -> tuple[Callable[..., Any] | None, str]:
+        """Returns (the hook that loads `obj`, how it is called: "custom", "module", "transfer" or "load").
+
+        The order: the key's custom hook; a transfer hook registered for the object's class (along
+        its MRO); SpeechBrain's own hook for a class SpeechBrain knows; the module transfer; a load
+        hook. ``(None, "")`` when there is none.
+        """
+        if key in self.custom_hooks:
+            return self.custom_hooks[key], "custom"
+        hook = get_default_hook(obj, DEFAULT_TRANSFER_HOOKS)
+        if hook is None or hook is torch_parameter_transfer:
+            # A class SpeechBrain knows (InputNormalization, CategoricalEncoder, its users' decorated
+            # classes) loads with SpeechBrain's own hook, before the generic module transfer.
+            hook = speechbrain_hook(obj) or hook
+        if hook is torch_parameter_transfer:
+            return hook, "module"
+        if hook is not None:
+            return hook, "transfer"
+        hook = get_default_hook(obj, DEFAULT_LOAD_HOOKS)
+        return hook, "load"
 
     # ----------------------------------------------------------------------------------------
     # What was loaded, from where
@@ -531,7 +585,8 @@ def _show_source(source: Source, shown_query: tuple[str, ...] = ()) -> str:
     try:
         fetch_from, text = guess_source(source)
     except PretrainerError:
-        return os.fspath(source) if not isinstance(source, FetchSource) else str(source.path)
+        pinned = as_fetch_source(source)
+        return os.fspath(cast("str | os.PathLike[str]", source)) if pinned is None else str(pinned.path)
     if fetch_from is FetchFrom.URI:
         return redact_url(text, shown_query)
     return text
@@ -568,3 +623,56 @@ class _FolderProbe:
 
     def clear(self, token: str) -> None:
         (self.folder / f"shared-{token}").unlink(missing_ok=True)
+
+
+def _collect_arguments(
+    second: Any, rest: tuple[Any, ...], local_strategy: Any, fetch_config: Any
+) -> tuple[bool, LocalStrategy, FetchConfig]:
+    """Returns (internal_ddp_handling, strategy, config) from either positional form of `collect_files`."""
+    if isinstance(second, bool):
+        if rest:
+            raise ArgumentTypeError(
+                f"collect_files() got a third positional argument ({_type_name(rest[0])}) after "
+                "internal_ddp_handling; fetch_config is keyword-only in this form.",
+                hint="Pass fetch_config=FetchConfig(...) by keyword.",
+            )
+        ddp = second
+    elif _is_strategy(second):
+        if local_strategy is not None:
+            raise ArgumentTypeError(
+                "collect_files() got local_strategy both as its second positional argument and by keyword.",
+                hint="Pass it once.",
+            )
+        if len(rest) > 1:
+            raise ArgumentTypeError(
+                f"collect_files() takes at most 3 positional arguments (default_source, local_strategy, "
+                f"fetch_config); got {len(rest) + 2}."
+            )
+        if rest and fetch_config is not None:
+            raise ArgumentTypeError(
+                "collect_files() got fetch_config both as its third positional argument and by keyword.",
+                hint="Pass it once.",
+            )
+        ddp, local_strategy = False, second
+        if rest:
+            fetch_config = as_fetch_config(rest[0], where="fetch_config (the third positional argument)")
+    else:
+        raise ArgumentTypeError(
+            f"collect_files()'s second positional argument is a {_type_name(second)}: it must be "
+            "internal_ddp_handling (a bool) or, in SpeechBrain's form, local_strategy (a LocalStrategy).",
+            hint="Pass local_strategy=LocalStrategy.COPY (or internal_ddp_handling=True) by keyword.",
+        )
+    strategy = LocalStrategy.SYMLINK if local_strategy is None else as_local_strategy(local_strategy)
+    return ddp, strategy, as_fetch_config(fetch_config)
+
+
+def _is_strategy(value: Any) -> bool:
+    try:
+        as_local_strategy(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _type_name(value: Any) -> str:
+    return f"{type(value).__module__}.{type(value).__qualname__}"

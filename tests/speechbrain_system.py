@@ -191,7 +191,7 @@ def differences(a: dict[str, Any], b: dict[str, Any]) -> dict[str, bool]:
         if isinstance(x, dict):
             return isinstance(y, dict) and x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
         if isinstance(x, list):
-            return isinstance(y, list) and len(x) == len(y) and all(same(i, j) for i, j in zip(x, y))
+            return isinstance(y, list) and len(x) == len(y) and all(same(i, j) for i, j in zip(x, y, strict=True))
         return x == y
 
     return {name: same(a[name], b[name]) for name in a}

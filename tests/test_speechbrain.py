@@ -73,8 +73,8 @@ def _our_repo(repo: pathlib.Path, folder: pathlib.Path) -> pathlib.Path:
 
 def test_the_yamls_differ_in_one_line():
     sb, ours = inference_yaml(SB_PRETRAINER).splitlines(), inference_yaml(OUR_PRETRAINER).splitlines()
-    changed = [(a, b) for a, b in zip(sb, ours) if a != b]
-    assert len(sb) == len(ours) and changed == [
+    changed = [(a, b) for a, b in zip(sb, ours, strict=True) if a != b]
+    assert changed == [
         ("pretrainer: !new:speechbrain.utils.parameter_transfer.Pretrainer", "pretrainer: !new:pl_pretrain.Pretrainer")
     ]
 
@@ -94,13 +94,14 @@ def test_hyperpyyaml_load_is_identical_to_speechbrains(repo, reference, tmp_path
 
 
 @pytest.mark.slow
-def test_pretrained_from_hparams_with_our_pretrainer(repo, reference, tmp_path):
+def test_pretrained_from_hparams_with_our_pretrainer(repo, tmp_path):
     from speechbrain.inference.interfaces import Pretrained
 
+    # The same entry point on both YAMLs. (Compared with each other: from_hparams itself moves the
+    # modules, which changes the last bit of a forward output against a direct load.)
+    theirs = Pretrained.from_hparams(source=str(repo), savedir=str(tmp_path / "saved_sb"))
     ours = Pretrained.from_hparams(source=str(_our_repo(repo, tmp_path / "ours_repo")), savedir=str(tmp_path / "saved"))
     assert isinstance(ours.hparams.pretrainer, Pretrainer)
-    assert differences(reference, snapshot(vars(ours.hparams))) == ALL_SAME
-    theirs = Pretrained.from_hparams(source=str(repo), savedir=str(tmp_path / "saved_sb"))
     assert differences(snapshot(vars(theirs.hparams)), snapshot(vars(ours.hparams))) == ALL_SAME
     assert sorted(p.name for p in (tmp_path / "saved").iterdir() if p.suffix == ".ckpt") == sorted(
         f"{key}.ckpt" for key in KEYS
@@ -157,7 +158,9 @@ def test_speechbrain_fetch_types_are_accepted_by_value(tmp_path):
     )
     assert out.is_file() and not out.is_symlink()
     target = module(2)
-    pt = Pretrainer(tmp_path / "c", {"enc": target}, paths={"enc": sb_fetching.FetchSource(source[0], f"{source[1]}/enc.ckpt")})
+    pt = Pretrainer(
+        tmp_path / "c", {"enc": target}, paths={"enc": sb_fetching.FetchSource(source[0], f"{source[1]}/enc.ckpt")}
+    )
     pt.collect_files(local_strategy=sb_fetching.LocalStrategy.COPY, fetch_config=sb_fetching.FetchConfig())
     pt.load_collected()
     assert same(target, module(1)) and not (tmp_path / "c" / "enc.ckpt").is_symlink()
@@ -165,13 +168,20 @@ def test_speechbrain_fetch_types_are_accepted_by_value(tmp_path):
 
 def test_speechbrain_fetch_config_without_network_is_offline_here_too(tmp_path):
     with pytest.raises(ValueError, match="allow_network"):
-        fetch("f.ckpt", "http://127.0.0.1:9/x", savedir=tmp_path, fetch_config=sb_fetching.FetchConfig(allow_network=False))
+        fetch(
+            "f.ckpt",
+            "http://127.0.0.1:9/x",
+            savedir=tmp_path,
+            fetch_config=sb_fetching.FetchConfig(allow_network=False),
+        )
 
 
 def test_a_fetch_config_of_another_type_names_both_classes(tmp_path):
     save(module(1), tmp_path / "src" / "enc.ckpt")
     with pytest.raises(TypeError) as info:
-        Pretrainer(tmp_path / "c", {"enc": module(2)}).collect_files(str(tmp_path / "src"), fetch_config={"overwrite": True})
+        Pretrainer(tmp_path / "c", {"enc": module(2)}).collect_files(
+            str(tmp_path / "src"), fetch_config={"overwrite": True}
+        )
     text = str(info.value)
     assert "pl_pretrain" in text and "speechbrain.utils.fetching.FetchConfig" in text and "builtins.dict" in text
 
@@ -257,7 +267,9 @@ def test_legacy_keys_are_reported_as_renamed(tmp_path):
 
     source = torch.nn.Sequential(Block())
     (tmp_path / "src").mkdir()
-    torch.save({k.replace("multihead", "mutihead"): v for k, v in source.state_dict().items()}, tmp_path / "src" / "m.ckpt")
+    torch.save(
+        {k.replace("multihead", "mutihead"): v for k, v in source.state_dict().items()}, tmp_path / "src" / "m.ckpt"
+    )
     target = torch.nn.Sequential(Block())
     pt = Pretrainer(tmp_path / "c", {"m": target})
     pt.collect_files(str(tmp_path / "src"))

@@ -387,7 +387,9 @@ def test_guess_source(impl, tmp_path):
 
 def test_fetch_a_local_file_by_copy(impl, tmp_path):
     _saved_text(tmp_path / "src" / "foo.txt", "abc123")
-    out = impl.fetch("foo.txt", str(tmp_path / "src"), savedir=str(tmp_path / "dest"), local_strategy=impl.LocalStrategy.COPY)
+    out = impl.fetch(
+        "foo.txt", str(tmp_path / "src"), savedir=str(tmp_path / "dest"), local_strategy=impl.LocalStrategy.COPY
+    )
     assert pathlib.Path(out).read_text() == "abc123" and pathlib.Path(out).parent == tmp_path / "dest"
     assert not pathlib.Path(out).is_symlink()
 
@@ -407,7 +409,7 @@ def test_fetch_source_is_hashable_by_path_and_encodes(impl):
     assert hash(source) == hash("org/repo")
     assert {source: 1}[impl.FetchSource(impl.FetchFrom.HUGGING_FACE, "org/repo")] == 1
     assert source.encode() == b"org/repo_FetchFrom.HUGGING_FACE"
-    assert source.encode("utf-8") == "org/repo_FetchFrom.HUGGING_FACE".encode()
+    assert source.encode("ascii") == b"org/repo_FetchFrom.HUGGING_FACE"
 
 
 def test_fetch_config_defaults(impl):

@@ -33,6 +33,7 @@ from pl_pretrain.fetching.sources import (
     FetchSource,
     LocalStrategy,
     as_fetch_config,
+    as_fetch_source,
     as_local_strategy,
     check_file_name,
     guess_source,
@@ -56,5 +57,6 @@ __all__ = [
     "discard_unreadable",
     "as_fetch_config",
     "as_local_strategy",
+    "as_fetch_source",
     "RECORD_DIR",
 ]

@@ -16,10 +16,10 @@ import re
 from collections import namedtuple
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from pl_pretrain._constants import RECORD_DIR
-from pl_pretrain.errors import ConfigurationError
+from pl_pretrain.errors import ArgumentTypeError, ConfigurationError
 
 __all__ = [
     "FetchFrom",
@@ -31,6 +31,7 @@ __all__ = [
     "check_file_name",
     "as_fetch_config",
     "as_local_strategy",
+    "as_fetch_source",
 ]
 
 
@@ -44,6 +45,20 @@ class FetchFrom(enum.Enum):
 
 FetchSource = namedtuple("FetchSource", ["FetchFrom", "path"])
 FetchSource.__doc__ = "A source pinned to how it is read: ``FetchSource(FetchFrom.HUGGING_FACE, 'org/repo')``."
+
+
+def _hash_by_path(self: Any) -> int:
+    return hash(self.path)
+
+
+def _encode(self: Any, *args: Any, **kwargs: Any) -> bytes:
+    return f"{self.path}_{self.FetchFrom}".encode(*args, **kwargs)
+
+
+# As SpeechBrain's: a source is hashed by its path, and encodes as "<path>_<FetchFrom>" (its
+# recipes use sources as dict keys and in file names).
+FetchSource.__hash__ = _hash_by_path  # type: ignore[method-assign]
+FetchSource.encode = _encode  # type: ignore[attr-defined]
 
 
 class LocalStrategy(enum.Enum):
@@ -180,15 +195,16 @@ def guess_source(source: str | os.PathLike | FetchSource) -> tuple[FetchFrom, st
     """
     from pl_pretrain.fetching.objectstore import is_object_url  # its backends are imported only when used
 
-    if isinstance(source, FetchSource):
-        fetch_from, path = source
+    pinned = as_fetch_source(source)
+    if pinned is not None:
+        fetch_from, path = pinned
         if not isinstance(fetch_from, FetchFrom):
             raise ConfigurationError(
                 f"FetchSource({fetch_from!r}, {path!r}) does not name a FetchFrom.",
                 hint="Use FetchFrom.LOCAL, FetchFrom.HUGGING_FACE or FetchFrom.URI.",
             )
         return fetch_from, str(path)
-    text = os.fspath(source)
+    text = os.fspath(cast("str | os.PathLike[str]", source))
     if text.startswith(("http://", "https://")) or is_object_url(text):
         return FetchFrom.URI, text
     if pathlib.Path(text).expanduser().is_dir():
@@ -237,24 +253,45 @@ def check_file_name(name: str, *, what: str = "save_filename") -> str:
 
 
 def as_fetch_config(value: Any, *, where: str = "fetch_config") -> FetchConfig:
-    """Returns `value` as a `FetchConfig` (``None`` is ``FetchConfig()``); raises on anything else."""
+    """Returns `value` as a `FetchConfig` (``None`` is ``FetchConfig()``); raises on anything else.
+
+    SpeechBrain's ``FetchConfig`` converts by value. Its ``token=True`` ("use the stored login")
+    becomes ``None`` (huggingface_hub's default, which also reads ``HF_TOKEN``); ``False`` stays ``False``.
+    """
     if value is None:
         return FetchConfig()
     if isinstance(value, FetchConfig):
         return value
-    raise ConfigurationError(
-        f"{where}={value!r} is not a FetchConfig: expected {_class_name(FetchConfig)}, got {_class_name(type(value))}.",
+    if _is_speechbrains(value, "FetchConfig") and dataclasses.is_dataclass(value):
+        fields = {field.name: getattr(value, field.name) for field in dataclasses.fields(value)}
+        if fields.get("token") is True:
+            fields["token"] = None
+        ours = {field.name for field in dataclasses.fields(FetchConfig)}
+        unknown = sorted(set(fields) - ours)
+        if unknown:
+            raise ArgumentTypeError(
+                f"{where}: SpeechBrain's FetchConfig has field(s) {', '.join(unknown)}, which "
+                f"{_class_name(FetchConfig)} does not know.",
+                hint="Pass pl_pretrain.FetchConfig(...) with the fields you need.",
+            )
+        return FetchConfig(**fields)
+    # The value itself is not shown: a mapping given here may hold a token.
+    raise ArgumentTypeError(
+        f"{where} is not a FetchConfig: expected {_class_name(FetchConfig)} or {_SPEECHBRAIN}.FetchConfig, "
+        f"got {_class_name(type(value))}.",
         hint="Pass pl_pretrain.FetchConfig(...), or leave it unset for the defaults.",
     )
 
 
 def as_local_strategy(value: Any, *, where: str = "local_strategy") -> LocalStrategy:
-    """Returns `value` as a `LocalStrategy`; raises on anything else."""
+    """Returns `value` as a `LocalStrategy` (SpeechBrain's converts by name); raises on anything else."""
     if isinstance(value, LocalStrategy):
         return value
-    raise ConfigurationError(
-        f"{where}={value!r} is not a LocalStrategy: expected {_class_name(LocalStrategy)}, "
-        f"got {_class_name(type(value))}.",
+    if _is_speechbrains(value, "LocalStrategy") and value.name in LocalStrategy.__members__:
+        return LocalStrategy[value.name]
+    raise ArgumentTypeError(
+        f"{where}={value!r} is not a LocalStrategy: expected {_class_name(LocalStrategy)} or "
+        f"{_SPEECHBRAIN}.LocalStrategy, got {_class_name(type(value))}.",
         hint="Use LocalStrategy.SYMLINK, COPY, COPY_SKIP_CACHE or NO_LINK.",
     )
 
@@ -300,6 +337,26 @@ def _check_fetch_config(config: FetchConfig) -> None:
         raise bad("shown_query", 'a tuple of query parameter names, such as ("v",)')
     object.__setattr__(config, "shown_query", tuple(shown))  # a list is accepted, and frozen
     _check_download_limits(config)
+
+
+def as_fetch_source(value: Any) -> FetchSource | None:
+    """Returns `value` as a `FetchSource` when it is one (ours or SpeechBrain's), else None."""
+    if not (isinstance(value, FetchSource) or _is_speechbrains(value, "FetchSource")):
+        return None
+    fetch_from, path = value
+    if _is_speechbrains(fetch_from, "FetchFrom") and fetch_from.name in FetchFrom.__members__:
+        fetch_from = FetchFrom[fetch_from.name]
+    return value if isinstance(value, FetchSource) and fetch_from is value[0] else FetchSource(fetch_from, path)
+
+
+# SpeechBrain's fetching types are accepted wherever ours are, converted by value: its
+# ``Pretrained.from_hparams`` passes its own LocalStrategy and FetchConfig to our Pretrainer.
+_SPEECHBRAIN = "speechbrain.utils.fetching"
+
+
+def _is_speechbrains(value: Any, name: str) -> bool:
+    cls = type(value)
+    return cls.__module__ == _SPEECHBRAIN and cls.__qualname__ == name
 
 
 def _class_name(cls: type) -> str:

@@ -35,6 +35,7 @@ from pl_pretrain.transfer.hooks import (
     DEFAULT_TRANSFER_HOOKS,
     get_default_hook,
     mark_as_loader,
+    mark_as_saver,
     mark_as_transfer,
     register_checkpoint_hooks,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "TransferOptions",
     "mark_as_transfer",
     "mark_as_loader",
+    "mark_as_saver",
     "register_checkpoint_hooks",
     "get_default_hook",
     "torch_parameter_transfer",

@@ -23,7 +23,7 @@ import torch
 
 from pl_pretrain.errors import ConfigurationError, TransferError
 from pl_pretrain.transfer.dtensor import LocalPart, is_dtensor, local_part
-from pl_pretrain.transfer.keys import _rename, _selected, _unmatched_patterns
+from pl_pretrain.transfer.keys import _legacy_renames, _rename, _selected, _unmatched_patterns
 from pl_pretrain.transfer.options import PathLike, TransferOptions
 from pl_pretrain.transfer.readers import read_state_dict
 from pl_pretrain.transfer.report import TransferReport, _few
@@ -165,8 +165,9 @@ class _Plan:
 def _plan(obj: torch.nn.Module, path: pathlib.Path, options: TransferOptions, shard_dir: PathLike | None) -> _Plan:
     """Returns what a transfer of `path` into `obj` would do: reads the file, maps and matches the keys."""
     source, fmt = read_state_dict(path, options, shard_dir=shard_dir)
+    renamed = _legacy_renames(source)
     target = {name: t for name, t in obj.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor)}
-    report = TransferReport(source=path, format=fmt)
+    report = TransferReport(source=path, format=fmt, renamed=renamed)
     asked = [name for name in target if _selected(name, options)]
     report.excluded.extend(name for name in target if not _selected(name, options))
     renamed, left_out, report.prefix, mapped = _rename(source, asked, options, path)

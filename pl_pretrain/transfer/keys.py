@@ -14,8 +14,27 @@ import torch
 
 from pl_pretrain.errors import ConfigurationError, TransferError
 from pl_pretrain.transfer.options import KeyMap, TransferOptions
+from pl_pretrain.transfer.speechbrain import LEGACY_KEY_RENAMES
 
 __all__ = ["suggest_key_map", "key_map_hint"]  # the rest is private: the engine in `apply` calls it
+
+
+def _legacy_renames(source: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Renames, in `source`, the keys old SpeechBrain checkpoints spell differently; returns file key -> new key.
+
+    Applied before any other mapping, as SpeechBrain applies them on every load. A file that
+    holds both spellings keeps both as they are.
+    """
+    renamed: dict[str, str] = {}
+    for old, new in LEGACY_KEY_RENAMES.items():
+        for key in [k for k in source if old in k]:
+            name = key.replace(old, new)
+            if name in source:
+                continue
+            source[name] = source.pop(key)
+            original = next((first for first, now in renamed.items() if now == key), key)
+            renamed[original] = name
+    return renamed
 
 
 def _selected(name: str, options: TransferOptions) -> bool:

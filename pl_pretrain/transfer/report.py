@@ -39,6 +39,9 @@ class TransferReport:
             ``encoder``); ``""`` when keys matched as they are or a `key_map` was given.
         local_bytes: bytes this process copied: `bytes` for a dense target, only the local
             shards' size for a sharded (DTensor) one.
+        renamed: file key -> the name it was read under: old SpeechBrain spellings
+            (``.mutihead_attn``, ``.convs_intermedite``) renamed before any other mapping, as
+            SpeechBrain does. `unexpected` names such keys by their new name.
     """
 
     source: pathlib.Path
@@ -53,6 +56,7 @@ class TransferReport:
     local_bytes: int = 0
     warnings: list[str] = field(default_factory=list)
     hook: str = ""
+    renamed: dict[str, str] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -63,9 +67,10 @@ class TransferReport:
         """Returns one line: counts of loaded / missing / unexpected / mismatched (/ excluded) keys."""
         excluded = f", {len(self.excluded)} excluded" if self.excluded else ""
         prefix = f", prefix '{self.prefix}' stripped" if self.prefix else ""
+        renamed = f", {len(self.renamed)} renamed" if self.renamed else ""
         return (
             f"{len(self.loaded)} loaded, {len(self.missing)} missing, {len(self.unexpected)} unexpected, "
-            f"{len(self.mismatched)} mismatched{excluded}{prefix} ({format_bytes(self.bytes)} from {self.source})"
+            f"{len(self.mismatched)} mismatched{excluded}{prefix}{renamed} ({format_bytes(self.bytes)} from {self.source})"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -83,6 +88,7 @@ class TransferReport:
             "prefix": self.prefix,
             "warnings": list(self.warnings),
             "hook": self.hook,
+            "renamed": dict(self.renamed),
         }
 
     def hint(self) -> str:
@@ -141,6 +147,9 @@ def format_reports(reports: Mapping[str, TransferReport | None]) -> str:
             lines.append(f"{key}: loaded by its hook {r.hook} (pl_pretrain does not see which keys it set)")
         if r.prefix:
             lines.append(f"{key}: file keys read under the prefix '{r.prefix}' (detected and stripped)")
+        if r.renamed:
+            shown = [f"{old} -> {new}" for old, new in r.renamed.items()]
+            lines.append(f"{key}: renamed (old SpeechBrain names): {_few(shown)}")
         if r.missing:
             lines.append(f"{key}: missing (kept their values): {_few(r.missing)}")
         if r.unexpected:
