@@ -37,7 +37,7 @@ def use_torchaudio_stand_in() -> None:
     """Makes ``import torchaudio`` succeed: the real one if it loads, else tests/stubs/torchaudio."""
     try:
         import torchaudio  # noqa: F401
-    except (ImportError, OSError):
+    except Exception:  # not installed, or installed for another torch (its native library fails to load)
         for name in [n for n in sys.modules if n == "torchaudio" or n.startswith("torchaudio.")]:
             del sys.modules[name]
         if str(STUBS) not in sys.path:
