@@ -509,5 +509,6 @@ def test_a_shard_missing_from_the_hub_is_named_as_listed_by_the_index(tmp_path, 
     with pytest.raises(FetchError) as info:
         collect(tmp_path / "c", "org/big/model.safetensors.index.json")
     text = str(info.value)
-    assert "model-00001-of-00002.safetensors" in text and "which the sharded checkpoint's index" in text, text
+    # Shards are fetched several at a time: either may be the first to fail.
+    assert "-of-00002.safetensors', which the sharded checkpoint's index" in text, text
     assert "paths" not in text and "weight_map" in text
