@@ -465,6 +465,12 @@ def test_a_users_own_unrecorded_file_is_not_replaced_silently(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         collect(tmp_path / "c", str(src / "enc.ckpt"))
     assert f"Replacing '{tmp_path / 'c' / FILE}', which pl_pretrain did not place" in caplog.text
+    # A source folder that is the collection folder: the file is its own destination, nothing is replaced.
+    (src / FILE).write_bytes((src / "enc.ckpt").read_bytes())
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        collect(src, str(src / FILE))
+    assert "Replacing" not in caplog.text
 
 
 @pytest.mark.parametrize(

@@ -97,7 +97,7 @@ class LocalKind(SourceKind):
         reused = self.reusable(request)
         if reused is not None:
             return reused
-        _begin_placing(savedir, save_filename, source)
+        _begin_placing(savedir, save_filename, source, source_file=src)
         path = _place(src, dst, strategy, source)
         placed = Fetched(path, FetchFrom.LOCAL, source, filename, str(src), size=stat.st_size)
         record = {

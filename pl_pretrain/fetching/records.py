@@ -67,7 +67,9 @@ def _remove_record(savedir: pathlib.Path, save_filename: str) -> None:
     _record_path(savedir, save_filename).unlink(missing_ok=True)
 
 
-def _begin_placing(savedir: pathlib.Path, save_filename: str, source: str) -> None:
+def _begin_placing(
+    savedir: pathlib.Path, save_filename: str, source: str, *, source_file: pathlib.Path | None = None
+) -> None:
     """Marks the destination as being replaced: a process killed before `_finish_placing` leaves a
     file that no record vouches for, so the next run places it again instead of trusting it.
 
@@ -75,7 +77,11 @@ def _begin_placing(savedir: pathlib.Path, save_filename: str, source: str) -> No
     replaced, as SpeechBrain would, but not silently.
     """
     dst = savedir / save_filename
-    if (dst.exists() or dst.is_symlink()) and not _record_path(savedir, save_filename).exists():
+    if (
+        (dst.exists() or dst.is_symlink())
+        and not _record_path(savedir, save_filename).exists()
+        and not (source_file is not None and _same_file(dst, source_file))  # the source is the destination
+    ):
         logger.warning(
             "Replacing '%s', which pl_pretrain did not place (it has no record in '%s'), with the file from '%s'.",
             dst,
@@ -86,6 +92,13 @@ def _begin_placing(savedir: pathlib.Path, save_filename: str, source: str) -> No
         _write_record(savedir, save_filename, {"placing": True})
     except OSError as error:
         raise FetchError(f"Could not write in '{savedir / RECORD_DIR}': {error}", source=source) from error
+
+
+def _same_file(a: pathlib.Path, b: pathlib.Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _finish_placing(savedir: pathlib.Path, save_filename: str, record: dict[str, Any], source: str) -> None:
