@@ -19,6 +19,7 @@ from typing import Any, cast
 
 from pl_pretrain import distributed
 from pl_pretrain._constants import DEFAULT_COLLECT_IN, PARAMFILE_EXT
+from pl_pretrain._shards import check_pinned_shards, pin_shards, recorded_shards
 from pl_pretrain.errors import (
     ArgumentTypeError,
     ChecksumError,
@@ -56,6 +57,7 @@ from pl_pretrain.transfer import (
     get_default_hook,
     incomplete_keys,
     shard_names,
+    shard_path,
     torch_parameter_transfer,
 )
 from pl_pretrain.transfer.speechbrain import speechbrain_hook
@@ -123,6 +125,7 @@ class Pretrainer:
         self.loadable_paths: dict[str, pathlib.Path] = {}
         self.collected: dict[str, Fetched] = {}
         self.reports: dict[str, TransferReport | None] = {}
+        self._shard_pins: dict[str, dict[str, str]] = {}  # key -> shard name -> sha256, under a pinned index
         self._hooked: dict[str, TransferReport] = {}  # key -> a row for the table, for keys loaded by their own hook
         self._synchronised = False
         self._fetched_here = False  # this process ran the fetch (the fetching rank): it alone may remove files
@@ -342,7 +345,7 @@ class Pretrainer:
                 # A sharded checkpoint's index: its shards live beside it in the source, and are
                 # collected, several at a time, into <collect_in>/<key>.shards/ (see shard_folder_name);
                 # with no collect_in they stay where they live, URL shards beside their index.
-                fetch_shards(
+                parts = fetch_shards(
                     shards,
                     source,
                     filename.rpartition("/")[0],
@@ -353,12 +356,23 @@ class Pretrainer:
                     desc=key,
                     on_failure=lambda error, name: _named_by_the_index(error, name, filename),
                 )
+                if expected is not None:  # the pin covers the shards too (see pl_pretrain._shards)
+                    self._shard_pins[key] = pin_shards(
+                        expected, dict(zip(shards, parts, strict=True)), self._shard_dir(key)
+                    )
             return fetched
         except PretrainerError as error:
             error.with_context(key=key, source=shown)
             raise
         except Exception as error:  # anything unforeseen still names the key and the source
             raise FetchError(f"{type(error).__name__}: {error}", key=key, source=shown) from error
+
+    def _check_pinned_shards(self, key: str, index: pathlib.Path, pinned: str) -> None:
+        """Raises when a shard of the pinned index `key` differs from the digest recorded when it was collected."""
+        names = shard_names(index)
+        recorded = self._shard_pins.get(key) or recorded_shards(self._shard_dir(key), pinned)
+        if names and recorded:  # a rank that sees no record (collect_in=None, not the fetcher) cannot check
+            check_pinned_shards(recorded, {name: shard_path(index, name, self._shard_dir(key)) for name in names})
 
     def _shard_dir(self, key: str) -> pathlib.Path | None:
         """Returns the folder that a sharded checkpoint's shards for `key` are collected into (None: none)."""
@@ -445,7 +459,9 @@ class Pretrainer:
         try:
             if key in self.checksums:
                 # Verified again before loading: the file may have changed since it was collected.
-                verify_sha256(fetched, parse_checksum(self.checksums[key], key=key), rehash=True)
+                pinned = parse_checksum(self.checksums[key], key=key)
+                verify_sha256(fetched, pinned, rehash=True)
+                self._check_pinned_shards(key, fetched.path, pinned)
             result = self._call_hook(key, obj, fetched.path)
         except PretrainerError as error:
             error.with_context(key=key, source=fetched.location)

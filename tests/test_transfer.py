@@ -268,6 +268,63 @@ def test_an_index_that_does_not_match_its_shards_is_an_error(tmp_path):
         read_state_dict(index)
 
 
+def test_a_tensor_that_a_shard_holds_but_the_index_places_elsewhere_is_an_error(tmp_path):
+    # Two shards both hold "w"; the index says it lives in a. Reading b last used to override it.
+    write(tmp_path / "a.safetensors", {"w": torch.ones(2)}, "safetensors")
+    write(tmp_path / "b.safetensors", {"w": torch.zeros(2), "v": torch.ones(1)}, "safetensors")
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"w": "a.safetensors", "v": "b.safetensors"}}))
+    with pytest.raises(TransferError, match=r"holds w, which the index places in 'a.safetensors'"):
+        read_state_dict(index)
+
+
+def _replace_shard(shard: pathlib.Path, seed: int) -> None:
+    """Rewrites a safetensors shard with other values under the same names and shapes."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(seed)
+    write(shard, {k: torch.randn_like(v) for k, v in load_file(str(shard)).items()}, "safetensors")
+
+
+def test_a_pinned_index_pins_its_shards_between_runs_and_before_loading(tmp_path):
+    import hashlib
+
+    import huggingface_hub
+
+    from pl_pretrain.errors import ChecksumError
+
+    source = Model(seed=1)
+    (tmp_path / "src").mkdir()
+    huggingface_hub.save_torch_state_dict(source.state_dict(), tmp_path / "src", max_shard_size=400)
+    index = tmp_path / "src" / "model.safetensors.index.json"
+    pin = {"model": "sha256:" + hashlib.sha256(index.read_bytes()).hexdigest()}
+
+    def collect(strategy: LocalStrategy) -> Pretrainer:
+        pt = Pretrainer(tmp_path / "c", {"model": Model(seed=2)}, {"model": str(index)}, checksums=pin)
+        pt.collect_files(local_strategy=strategy)
+        return pt
+
+    pt = collect(LocalStrategy.COPY)
+    assert pt.load_collected()["model"].complete and same(source, pt.loadables["model"])
+
+    # A collected shard rewritten before the load: the index still matches its pin, the weights do not.
+    copied = next((tmp_path / "c" / "model.shards").glob("*-00002-*"))
+    _replace_shard(copied, seed=5)
+    target = pt.loadables["model"] = Model(seed=3)
+    before = copy_of(target)
+    with pytest.raises(ChecksumError, match=rf"Shard '.*{copied.name}' changed after it was collected") as raised:
+        pt.load_collected()
+    assert raised.value.key == "model"
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+
+    # The source's shard replaced under the same index: the next collection refuses it.
+    (tmp_path / "c").rename(tmp_path / "old")
+    collect(LocalStrategy.SYMLINK).load_collected()  # records the shards of this index
+    _replace_shard(next((tmp_path / "src").glob("*-00002-*")), seed=6)
+    with pytest.raises(ChecksumError, match=r"Shard '.*-00002-.*' of the pinned index is not the one recorded"):
+        collect(LocalStrategy.SYMLINK)
+
+
 # --------------------------------------------------------------------------------------------
 # Key mapping
 # --------------------------------------------------------------------------------------------
@@ -635,6 +692,38 @@ class Tied(torch.nn.Module):
         self.embed = torch.nn.Embedding(10, 4)
         self.head = torch.nn.Linear(4, 10, bias=False)
         self.head.weight = self.embed.weight
+
+
+class Rotary(torch.nn.Module):
+    """A layer with a non-persistent buffer (as rotary embeddings keep their frequencies): in no checkpoint."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+        self.register_buffer("inv_freq", torch.empty(2), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.proj.reset_parameters()
+        with torch.no_grad():
+            self.inv_freq.copy_(1.0 / 10000 ** (torch.arange(0, 4, 2).float() / 4))
+
+
+def test_a_non_persistent_buffer_on_meta_gets_a_hint_that_can_be_followed(tmp_path):
+    source = Rotary()
+    path = write(tmp_path / "r.ckpt", source.state_dict())
+    assert "inv_freq" not in torch.load(path)
+    with torch.device("meta"):
+        target = Rotary()
+    with pytest.raises(TransferError, match="inv_freq") as raised:
+        torch_parameter_transfer(target, path, {"device": "cpu"})
+    hint = str(raised.value)
+    assert "non-persistent buffer" in hint and "to_empty" in hint and "a file that holds" not in hint
+    # Doing what it says loads the file and keeps the computed buffer.
+    target.to_empty(device="cpu")
+    target.reset_parameters()
+    assert torch_parameter_transfer(target, path).complete
+    assert same(source, target) and torch.equal(target.inv_freq, source.inv_freq)
 
 
 def test_tied_weights_stored_under_one_name_fill_both(tmp_path):

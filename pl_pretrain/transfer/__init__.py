@@ -40,7 +40,7 @@ from pl_pretrain.transfer.hooks import (
     register_checkpoint_hooks,
 )
 from pl_pretrain.transfer.options import TransferOptions
-from pl_pretrain.transfer.readers import detect_format, read_state_dict, shard_names
+from pl_pretrain.transfer.readers import detect_format, read_state_dict, shard_names, shard_path
 from pl_pretrain.transfer.report import TransferReport, format_bytes, format_reports, incomplete_keys
 
 __all__ = [
@@ -62,6 +62,7 @@ __all__ = [
     "detect_format",
     "read_state_dict",
     "shard_names",
+    "shard_path",
     "shard_folder_name",
 ]
 

@@ -274,10 +274,23 @@ def _check(
         if meta and tensor.is_meta and (options.device is None or id(tensor) not in loading)
     ]
     if on_meta:
+        # A non-persistent buffer (rotary frequencies, masks) is in no state dict, so no file can
+        # fill it: the hint for the others would send the user looking for a file that cannot exist.
+        saved = set(obj.state_dict(keep_vars=True))
+        unsaved = [name for name in on_meta if name not in saved]
+        hint = "Give TransferOptions(device='cpu') (or another device) and a file that holds every such key."
+        if unsaved:
+            hint = (
+                f"{_few(unsaved, 5)} {'are non-persistent buffers' if len(unsaved) > 1 else 'is a non-persistent buffer'} "
+                "(register_buffer(..., persistent=False)), which no checkpoint holds: give the module memory and "
+                "compute them before the transfer (module.to_empty(device='cpu'), then its own initialisation, "
+                "e.g. reset_parameters()), or create them off the meta device."
+                + (" For the others, " + hint[0].lower() + hint[1:] if len(unsaved) < len(on_meta) else "")
+            )
         raise TransferError(
             f"{type(obj).__name__} has tensors on the meta device that this transfer would leave without "
             f"values: {_few(on_meta, 5)}.",
-            hint="Give TransferOptions(device='cpu') (or another device) and a file that holds every such key.",
+            hint=hint,
         )
 
 

@@ -22,7 +22,7 @@ from pl_pretrain.errors import TransferError, UnsafeCheckpointError
 from pl_pretrain.transfer.options import PathLike, TransferOptions
 from pl_pretrain.transfer.report import _few
 
-__all__ = ["detect_format", "read_state_dict", "shard_names"]
+__all__ = ["detect_format", "read_state_dict", "shard_names", "shard_path"]
 
 _ZIP_MAGIC = b"PK\x03\x04"
 
@@ -252,7 +252,7 @@ def shard_names(path: PathLike) -> list[str] | None:
     return names
 
 
-def _shard_path(index: pathlib.Path, name: str, shard_dir: pathlib.Path | None) -> pathlib.Path:
+def shard_path(index: pathlib.Path, name: str, shard_dir: pathlib.Path | None) -> pathlib.Path:
     """Returns where shard `name` of `index` is: in `shard_dir` when given, beside the index, beside the real index."""
     places = [
         index.parent / name,  # read where it lives: a source folder, a Hub snapshot (NO_LINK)
@@ -278,7 +278,7 @@ def _read_sharded(
     state: dict[str, torch.Tensor] = {}
     formats = set()
     for name in shard_names(path) or []:
-        shard = _shard_path(path, name, shard_dir)
+        shard = shard_path(path, name, shard_dir)
         fmt = detect_format(shard)
         if fmt == "index":
             raise TransferError(f"Shard '{shard}' of '{path}' is itself an index.")
@@ -290,6 +290,16 @@ def _read_sharded(
                 f"The index '{path}' places {_few(listed, 5)} in '{shard}', which does not hold "
                 f"{'them' if len(listed) > 1 else 'it'}: the index and its shards do not belong together.",
                 hint="Collect the checkpoint again (FetchConfig(overwrite=True)).",
+            )
+        # A tensor in two shards would be overridden by whichever is read last: the index says
+        # where each one lives, and a shard holding it as well is not part of this checkpoint.
+        elsewhere = [k for k in tensors if weight_map.get(k, name) != name or k in state]
+        if elsewhere:
+            where = weight_map.get(elsewhere[0]) or "another shard"
+            raise TransferError(
+                f"Shard '{shard}' of '{path}' holds {_few(elsewhere, 5)}, which the index places in "
+                f"'{where}': the index and its shards do not belong together, and loading would pick one at random.",
+                hint="Collect the checkpoint again (FetchConfig(overwrite=True)), or fix the index's weight_map.",
             )
         state.update(tensors)
     return state, "sharded-" + "+".join(sorted(formats))
