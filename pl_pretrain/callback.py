@@ -12,11 +12,11 @@ Lightning Fabric users call `load_pretrained(fabric, pretrainer)` instead.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import logging
+import multiprocessing
 import os
-import sys
 import time
-import types
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
@@ -54,9 +54,13 @@ class PretrainerCallback(Callback):
     sharded model (``ModelParallelStrategy``: FSDP2, tensor parallel) gets the files' weights, each
     rank its own slices, and layers no file holds (a new head) their initialisation, once.
 
-    It does not fight Lightning: with ``trainer.fit(model, ckpt_path=...)`` the resumed weights
-    win and nothing is fetched; ``trainer.test(model)`` after ``trainer.fit(model)`` does not load
-    the pretrained weights over the fine-tuned ones.
+    It does not fight Lightning: with ``trainer.fit(model, ckpt_path=...)`` Lightning restores the
+    checkpoint after ``setup``, so the resumed weights win over the pretrained ones (the files are
+    still fetched and loaded first: Lightning tells a callback of a resume only after ``setup``).
+    To resume without fetching, give the checkpoint through Lightning's public setter before the
+    run, ``trainer.ckpt_path = "last.ckpt"; trainer.fit(model)``: the callback sees it in ``setup``
+    and fetches nothing. ``trainer.test(model)`` after ``trainer.fit(model)`` does not load the
+    pretrained weights over the fine-tuned ones; ``trainer.test(other_model)`` loads them into it.
 
     Args:
         pretrainer: a ready `Pretrainer`. Give either this or the Pretrainer's arguments below.
@@ -81,6 +85,11 @@ class PretrainerCallback(Callback):
             fine-tuned weights; ``test`` on a fresh module loads.
         freeze: ``True`` freezes every loaded module, or a list of keys to freeze (with
             `BaseFinetuning.freeze`, so `BaseFinetuning` callbacks can unfreeze them later).
+        freeze_bn: also freeze the batch-norm layers inside the frozen modules: their weights
+            stop training and their running statistics stop updating
+            (``BaseFinetuning.freeze(train_bn=False)``). Default ``False``: as Lightning's
+            ``BaseFinetuning.freeze`` does by default, batch norms in a frozen module stay
+            trainable and keep updating their running statistics.
         log_report: log the load report on rank zero and send it to the Trainer's loggers.
         timeout: how long ranks wait for the fetching rank (default 24 h).
 
@@ -115,6 +124,7 @@ class PretrainerCallback(Callback):
         collect_per_node: bool | Literal["auto"] = "auto",
         stages: Sequence[str] = _STAGES,
         freeze: bool | Sequence[str] = False,
+        freeze_bn: bool = False,
         log_report: bool = True,
         timeout: float | None = None,
     ) -> None:
@@ -173,6 +183,7 @@ class PretrainerCallback(Callback):
         self.collect_per_node = as_per_node(collect_per_node)  # misuse fails here, not in setup
         self.stages = tuple(stages)
         self.freeze = freeze
+        self.freeze_bn = bool(freeze_bn)
         self.log_report = log_report
         self.timeout = timeout
         # Attribute paths as configured (the Pretrainer's loadables get the resolved objects).
@@ -181,6 +192,10 @@ class PretrainerCallback(Callback):
         self.provenance: dict[str, dict[str, Any]] = {}
         self.reports: dict[str, TransferReport | None] = {}
         self.resumed_from: str | None = None
+        # What `trainer.ckpt_path` held when this callback's last run ended: Lightning does not
+        # reset it, so at the next `setup` only another value is a path the user has just set.
+        self._ckpt_path_at_end: str | None = None
+        self._restored = False
 
     @property
     def state_key(self) -> str:
@@ -197,11 +212,11 @@ class PretrainerCallback(Callback):
         stage = str(getattr(stage, "value", stage))
         if stage not in self.stages:
             return
-        resuming = _pending_ckpt_path(trainer)
+        resuming = self._user_set_ckpt_path(trainer)
         load = not self._already_loaded(trainer, pl_module) and resuming is None
-        if resuming is not None and stage == "fit":
-            self.resumed_from = str(resuming)
-            rank_zero_info(f"pl_pretrain: resuming from {resuming}; its weights win, nothing is fetched.")
+        if resuming is not None:
+            self.resumed_from = resuming
+            rank_zero_info(f"pl_pretrain: trainer.ckpt_path is {resuming}; its weights win, nothing is fetched.")
         freeze = bool(self.freeze) and stage == "fit"  # also on resume: the frozen part stays frozen
         if load:
             self.collect()
@@ -218,6 +233,9 @@ class PretrainerCallback(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restores the recorded provenance, and warns when this run is configured with other sources."""
+        # Lightning calls this only when it restores a checkpoint (after `setup`): the restore
+        # replaces the weights loaded there, as `BaseFinetuning` learns of a resume here too.
+        self._restored = True
         recorded = state_dict.get("sources", {})
         self.provenance = dict(state_dict.get("provenance", {}))
         configured = self.configured_sources()
@@ -228,6 +246,25 @@ class PretrainerCallback(Callback):
                 f"is configured with (keys: {', '.join(changed)}). Recorded: {recorded}. Configured: {configured}. "
                 "The resumed weights are kept."
             )
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Records which checkpoint was resumed (its weights replaced the pretrained ones)."""
+        if self._restored and trainer.ckpt_path is not None:
+            self.resumed_from = str(trainer.ckpt_path)
+            rank_zero_info(f"pl_pretrain: resumed from {trainer.ckpt_path}; its weights replaced the pretrained ones.")
+        self._restored = False
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Remembers what the run leaves behind, so that the next run on this Trainer is not mistaken for it."""
+        self._ckpt_path_at_end = None if trainer.ckpt_path is None else str(trainer.ckpt_path)
+        if pl_module in self._loaded_modules and multiprocessing.parent_process() is not None:
+            # A worker's results go back to its parent only as the weights and `trainer.state`
+            # (Lightning's ddp_spawn returns nothing else, and has no public place for a
+            # callback's own results): the weights' fingerprint on the state lets the parent's
+            # next run (`trainer.test(model)`, in new workers) recognise the module it got back.
+            marks = dict(getattr(trainer.state, "_pl_pretrain_loaded", {}))
+            marks[self.state_key] = _fingerprint(pl_module)
+            trainer.state._pl_pretrain_loaded = marks  # type: ignore[attr-defined]
 
     # ----------------------------------------------------------------------------------------
     # Steps (each does one thing)
@@ -266,7 +303,7 @@ class PretrainerCallback(Callback):
         keys = list(self._targets) if self.freeze is True else list(self.freeze)
         resolved = self._resolve_targets(pl_module)
         modules = [resolved[k] for k in keys if isinstance(resolved.get(k), torch.nn.Module)]
-        BaseFinetuning.freeze(modules, train_bn=True)
+        BaseFinetuning.freeze(modules, train_bn=not self.freeze_bn)
 
     def configured_sources(self) -> dict[str, dict[str, Any]]:
         """Returns key -> the source this run is configured to load it from (no credentials)."""
@@ -289,17 +326,25 @@ class PretrainerCallback(Callback):
     def _already_loaded(self, trainer: Trainer, pl_module: LightningModule) -> bool:
         if pl_module in self._loaded_modules:
             return True
-        # Under ddp_spawn the hooks run in child processes, and the main process gets back only the
-        # weights and `trainer.state`; the mark left on the state is how a later `trainer.test`
-        # (whose children start from the main process's copy) knows the module was fine-tuned.
-        spawned = type(getattr(trainer.strategy, "launcher", None)).__name__ == "_MultiProcessingLauncher"
-        return spawned and self.state_key in getattr(trainer.state, "_pl_pretrain_loaded", ())
+        # Under ddp_spawn this process is a new worker with a copy of the parent's module: it is
+        # the module an earlier run loaded and trained when it holds the weights that run ended with.
+        marks = getattr(trainer.state, "_pl_pretrain_loaded", None)
+        mark = marks.get(self.state_key) if isinstance(marks, dict) else None
+        return mark is not None and mark == _fingerprint(pl_module)
+
+    def _user_set_ckpt_path(self, trainer: Trainer) -> str | None:
+        """Returns the checkpoint the user set with ``trainer.ckpt_path = ...`` for this run, else None.
+
+        ``trainer.fit(model, ckpt_path=...)`` is known only after ``setup`` (Lightning calls
+        `load_state_dict`); a value left over from this Trainer's previous run is not a resume.
+        """
+        path = trainer.ckpt_path
+        if path is None or str(path) == self._ckpt_path_at_end:
+            return None
+        return str(path)
 
     def _mark_loaded(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._loaded_modules.add(pl_module)
-        marks = set(getattr(trainer.state, "_pl_pretrain_loaded", ()))
-        marks.add(self.state_key)
-        trainer.state._pl_pretrain_loaded = marks  # type: ignore[attr-defined]
 
     def __getstate__(self) -> dict[str, Any]:
         # ddp_spawn pickles callbacks into fresh processes; a WeakSet does not pickle.
@@ -419,24 +464,17 @@ def _resolve(pl_module: LightningModule, key: str, path: str) -> Any:
     return obj
 
 
-def _pending_ckpt_path(trainer: Trainer) -> Any | None:
-    """Returns the checkpoint this Trainer run is about to restore, if it can be known in ``setup``.
-
-    ``trainer.ckpt_path`` is set in ``setup`` only when the user assigned it; for
-    ``trainer.fit(model, ckpt_path=...)`` Lightning (2.x) keeps the path in the frame of
-    ``Trainer._run`` until after ``setup``. Reading it there avoids a needless fetch; if a future
-    Lightning moves it, the fetch happens and the restore still overwrites the weights.
-    """
-    if trainer.ckpt_path is not None:
-        return trainer.ckpt_path
-    frame: types.FrameType | None = sys._getframe(1)
-    for _ in range(64):
-        if frame is None:
-            break
-        if frame.f_code.co_name == "_run" and frame.f_locals.get("self") is trainer:
-            return frame.f_locals.get("ckpt_path")
-        frame = frame.f_back
-    return None
+def _fingerprint(module: torch.nn.Module) -> str:
+    """Returns a digest of a module's parameter values (this process's part of sharded ones)."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in module.state_dict(keep_vars=True).items():
+            local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+            if not isinstance(local, torch.Tensor) or local.is_meta:
+                continue
+            values = local.detach().double()
+            digest.update(f"{name}:{list(local.shape)}:{values.sum().item()!r}:{values.abs().sum().item()!r}".encode())
+    return digest.hexdigest()
 
 
 def load_pretrained(

@@ -145,13 +145,38 @@ def test_resume_keeps_the_resumed_weights_and_fetches_nothing(tmp_path, http_ser
     fine_tuned = digest(model.encoder)
     http_server.reset_log()
 
+    # trainer.fit(model, ckpt_path=...): Lightning's restore runs after setup and wins.
     cb2 = PretrainerCallback(collect_in=tmp_path / "c", loadables={"encoder": "encoder"}, default_source=source)
     second = trainer(tmp_path, [cb2], max_steps=6)
     second.fit(Model(tag="resumed"), ckpt_path=tmp_path / "last.ckpt")
     assert records("resumed", "train_start")[0]["encoder"] == fine_tuned
-    assert http_server.requests == []
     assert cb2.resumed_from == str(tmp_path / "last.ckpt")
     assert cb2.provenance["encoder"]["location"] == f"{source}/encoder.ckpt"  # carried over from the checkpoint
+    http_server.reset_log()
+
+    # trainer.ckpt_path = ... before the run (Lightning's public setter): nothing is fetched, even into a new folder.
+    cb3 = PretrainerCallback(collect_in=tmp_path / "c3", loadables={"encoder": "encoder"}, default_source=source)
+    third = trainer(tmp_path, [cb3], max_steps=6)
+    third.ckpt_path = str(tmp_path / "last.ckpt")
+    third.fit(Model(tag="quiet"))
+    assert records("quiet", "train_start")[0]["encoder"] == fine_tuned
+    assert http_server.requests == []
+    assert cb3.resumed_from == str(tmp_path / "last.ckpt")
+
+
+def test_fit_from_a_checkpoint_then_test_of_a_fresh_model_loads_it(tmp_path, pretrained, records):
+    folder, expected = pretrained
+    cb = PretrainerCallback(collect_in=tmp_path / "c", loadables={"encoder": "encoder"}, default_source=str(folder))
+    first = trainer(tmp_path, [cb])
+    first.fit(Model(tag="first"))
+    first.save_checkpoint(tmp_path / "last.ckpt")
+
+    cb2 = PretrainerCallback(collect_in=tmp_path / "c", loadables={"encoder": "encoder"}, default_source=str(folder))
+    t = trainer(tmp_path, [cb2], max_steps=5)
+    t.fit(Model(tag="resumed"), ckpt_path=tmp_path / "last.ckpt")
+    # trainer.ckpt_path still names last.ckpt here; the fresh model is not a resume and gets the file.
+    t.test(Model(tag="fresh"))
+    assert records("fresh", "test_start")[0]["encoder"] == expected
 
 
 def test_resume_warns_when_sources_changed(tmp_path, pretrained):
@@ -257,6 +282,27 @@ def test_freeze_survives_a_resume(tmp_path, pretrained, records):
     assert end["encoder"] == expected and not any(end["encoder_requires_grad"])
 
 
+def test_freeze_leaves_batch_norm_trainable_unless_freeze_bn(tmp_path):
+    for freeze_bn in (False, True):
+        model = Model(tag=f"bn{freeze_bn}")
+        model.encoder.append(torch.nn.BatchNorm1d(8))  # a pretrained body with a batch norm
+        torch.save(model.encoder.state_dict(), tmp_path / f"bn{freeze_bn}.ckpt")
+        cb = PretrainerCallback(
+            collect_in=None,
+            loadables={"encoder": "encoder"},
+            paths={"encoder": str(tmp_path / f"bn{freeze_bn}.ckpt")},
+            freeze=True,
+            freeze_bn=freeze_bn,
+        )
+        stats = model.encoder[3].running_mean.clone()
+        trainer(tmp_path, [cb]).fit(model)
+        bn = model.encoder[3]
+        linear = model.encoder[0]
+        assert not linear.weight.requires_grad
+        assert bn.weight.requires_grad is (not freeze_bn) and bn.bias.requires_grad is (not freeze_bn)
+        assert torch.equal(bn.running_mean, stats) is freeze_bn  # running statistics kept only when frozen
+
+
 def test_report_goes_to_the_loggers(tmp_path, pretrained):
     folder, _ = pretrained
     cb = PretrainerCallback(collect_in=tmp_path / "c", loadables={"encoder": "encoder"}, default_source=str(folder))
@@ -349,6 +395,17 @@ def test_ddp_spawn_two_ranks(tmp_path, http_server, records):
     assert fine_tuned != expected
     t.test(model)
     assert [s["encoder"] for s in records("spawn", "test_start", world=2)] == [fine_tuned, fine_tuned]
+
+
+@pytest.mark.slow
+def test_ddp_spawn_test_of_a_fresh_model_after_fit_loads_it(tmp_path, pretrained, records):
+    # The workers of each run start from the main process's copy: a fresh model is not the fine-tuned one.
+    folder, expected = pretrained
+    cb = PretrainerCallback(collect_in=tmp_path / "c", loadables={"encoder": "encoder"}, default_source=str(folder))
+    t = trainer(tmp_path, [cb], strategy="ddp_spawn", devices=2)
+    t.fit(Model(tag="spawn-fit"))
+    t.test(Model(tag="spawn-fresh"))
+    assert [s["encoder"] for s in records("spawn-fresh", "test_start", world=2)] == [expected, expected]
 
 
 def test_fabric_load_pretrained(tmp_path, pretrained):
