@@ -823,3 +823,22 @@ def test_the_report_and_its_table_say_what_happened_once(tmp_path):
     assert "tokenizer" not in table
     assert table.count("model.decoder.weight") == 1 and "(3 more)" in table
     assert "model: mismatched classifier.weight: file [10, 8] vs model [3, 8]" in table
+
+
+def test_a_dense_transfer_does_not_import_dtensor(tmp_path):
+    # Importing torch.distributed.tensor costs seconds (sympy, the op registry); a dense model
+    # cannot hold a DTensor unless that module is already imported, so a dense load must not pay it.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from pl_pretrain import torch_parameter_transfer\n"
+        "m = torch.nn.Linear(4, 4)\n"
+        f"torch.save(m.state_dict(), {str(tmp_path / 'm.ckpt')!r})\n"
+        f"torch_parameter_transfer(m, {str(tmp_path / 'm.ckpt')!r})\n"
+        "print('torch.distributed.tensor' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

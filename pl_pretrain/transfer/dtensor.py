@@ -25,6 +25,7 @@ otherwise with ``index_select``, which still reads only those indices.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,12 +39,11 @@ Index = slice | torch.Tensor
 
 
 def is_dtensor(tensor: Any) -> bool:
-    """True when `tensor` is a ``torch.distributed.tensor.DTensor`` (False where torch has no DTensor)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch built without distributed support
-        return False
-    return isinstance(tensor, DTensor)
+    """True when `tensor` is a ``torch.distributed.tensor.DTensor``."""
+    # No DTensor can exist before its module is imported, and importing it costs seconds (sympy,
+    # the op registry): a dense transfer must not pay that, so only look if someone already did.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
 
 
 @dataclass(frozen=True)
