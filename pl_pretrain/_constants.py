@@ -20,8 +20,10 @@ __all__ = [
     "DEFAULT_COLLECT_TIMEOUT",
     "ENV_CACHE",
     "ENV_COLLECT_TIMEOUT",
+    "ENV_LAUNCHER_WORLD_SIZE",
     "cache_root",
     "collect_timeout",
+    "launcher_world_size",
 ]
 
 DEFAULT_COLLECT_IN = "./model_checkpoints"
@@ -41,6 +43,32 @@ ENV_CACHE = "PL_PRETRAIN_CACHE"
 
 ENV_COLLECT_TIMEOUT = "PL_PRETRAIN_COLLECT_TIMEOUT"
 """Seconds the ranks wait for the fetching rank, overriding `DEFAULT_COLLECT_TIMEOUT`."""
+
+
+ENV_LAUNCHER_WORLD_SIZE = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")
+"""Where launchers say how many processes they started (torchrun, Open MPI, MPICH/Intel MPI, SLURM ``srun``)."""
+
+
+def launcher_world_size() -> tuple[str, int] | None:
+    """Returns (variable, value) of the first launcher variable that says more than one process was started.
+
+    Values are read as integers after stripping spaces (``" 2"`` is 2). ``SLURM_NTASKS`` counts only
+    inside a task that ``srun`` started (``SLURM_STEP_ID`` is set there, not in a batch script's
+    own shell, which is one process whatever the allocation's size).
+    """
+    for name in ENV_LAUNCHER_WORLD_SIZE:
+        text = os.environ.get(name, "").strip()
+        if name == "SLURM_NTASKS":
+            text = os.environ.get("SLURM_STEP_NUM_TASKS", "").strip() or (
+                text if os.environ.get("SLURM_STEP_ID", "").strip() not in ("", "batch", "extern") else ""
+            )
+        try:
+            value = int(text)
+        except ValueError:
+            continue
+        if value > 1:
+            return name, value
+    return None
 
 
 def cache_root() -> pathlib.Path:

@@ -2,14 +2,18 @@
 
 The protocol (docs/architecture.md, "The distributed protocol"), with `torch.distributed` only:
 
-1. Every rank enters `run_once` together.
+1. Every rank checks in: it posts its description (what it means to collect, given as a callable)
+   to the job's store and waits, at most the default process group's timeout, for every other
+   rank's. A rank that never arrives (dead, raised before, or not calling) ends every rank with an
+   error naming it; a rank whose description differs ends every rank with an error naming the
+   rank and the field. Nothing long-lived is created before every rank has arrived.
 2. The fetching rank (global rank 0, or the first rank of each node whose folder is not shared)
    runs the work inside ``try``; nobody else runs it.
 3. Every rank then joins one ``all_gather_object`` on a gloo group whose timeout is long (hours,
    not the process group's 30 minutes): that is the barrier, and it carries each fetcher's outcome,
-   a value or an error record.
-4. If any fetcher failed, every rank raises the same `PretrainerError` at once; otherwise every rank
-   takes the value of its own fetcher.
+   a value or an error record. It is the only long wait; every other exchange is bounded.
+4. If any fetcher failed, every rank raises the same `PretrainerError` at once, with the root
+   cause and the other ranks' causes; otherwise every rank takes the value of its own fetcher.
 
 A gloo group notices a peer process that dies (its sockets close), so a crashed fetcher ends the
 wait with an error too, instead of a hang.
@@ -20,20 +24,28 @@ whether two ranks share a folder, are given to it as callables.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import logging
 import os
 import socket
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 
 import torch.distributed as dist
 
-from pl_pretrain._constants import DEFAULT_COLLECT_TIMEOUT, collect_timeout
-from pl_pretrain.errors import ConfigurationError, PretrainerError, error_from_record, record_for
+from pl_pretrain._constants import DEFAULT_COLLECT_TIMEOUT, collect_timeout, launcher_world_size
+from pl_pretrain.errors import (
+    ConfigurationError,
+    PretrainerError,
+    error_from_record,
+    record_for,
+    root_cause_order,
+)
+from pl_pretrain.rendezvous import compare, default_timeout, exchange
 
 __all__ = [
     "Topology",
@@ -45,6 +57,7 @@ __all__ = [
     "broadcast_object",
     "global_rank",
     "as_per_node",
+    "close",
     "DEFAULT_TIMEOUT",
 ]
 
@@ -114,16 +127,18 @@ class Topology:
 def is_distributed() -> bool:
     """Returns True when a process group with more than one rank is running.
 
-    Raises `ConfigurationError` when a launcher started several ranks (``WORLD_SIZE > 1``) but
-    nobody initialised `torch.distributed`: fetching on every rank then is exactly the race this
-    library exists to avoid.
+    Raises `ConfigurationError` when a launcher started several processes (``WORLD_SIZE``,
+    ``OMPI_COMM_WORLD_SIZE``, ``PMI_SIZE`` or an ``srun`` task's ``SLURM_NTASKS`` above 1) but nobody
+    initialised `torch.distributed`: fetching on every rank then is exactly the race this library
+    exists to avoid.
     """
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size() > 1
-    world = os.environ.get("WORLD_SIZE", "1")
-    if world.isdigit() and int(world) > 1:
+    launched = launcher_world_size()
+    if launched is not None:
+        name, world = launched
         raise ConfigurationError(
-            f"WORLD_SIZE={world} but torch.distributed is not initialised, so ranks cannot agree on who fetches.",
+            f"{name}={world} but torch.distributed is not initialised, so ranks cannot agree on who fetches.",
             hint="Call torch.distributed.init_process_group() before collect_files(internal_ddp_handling=True), "
             "or use PretrainerCallback in a Lightning Trainer.",
         )
@@ -134,55 +149,109 @@ def _node_key() -> str:
     # The launcher's node rank tells simulated nodes on one host apart; the host name tells real
     # nodes apart when no launcher variable is set. LOCAL_RANK is not used: it repeats across nodes.
     node_rank = os.environ.get("GROUP_RANK") or os.environ.get("NODE_RANK") or os.environ.get("SLURM_NODEID") or ""
-    return f"{socket.gethostname()}|{node_rank}"
+    return f"{socket.gethostname()}|{node_rank.strip()}"
+
+
+def _topology_of(node_keys: list[str]) -> Topology:
+    order: dict[str, int] = {}
+    for key in node_keys:
+        order.setdefault(key, len(order))
+    return Topology(rank=dist.get_rank(), world_size=len(node_keys), node_of=tuple(order[k] for k in node_keys))
 
 
 def topology(group: Any = None) -> Topology:
-    """Returns this job's `Topology` (a collective call when distributed)."""
+    """Returns this job's `Topology` (a bounded exchange between every rank when distributed).
+
+    `group` is accepted for compatibility and ignored: the exchange goes through the job's store.
+    """
     if not is_distributed():
         return Topology(rank=0, world_size=1, node_of=(0,))
-    group = group if group is not None else _wait_group(None)
-    keys: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(keys, _node_key(), group=group)
-    order: dict[str, int] = {}
-    for key in keys:
-        order.setdefault(key, len(order))
-    return Topology(rank=dist.get_rank(), world_size=len(keys), node_of=tuple(order[k] for k in keys))
+    return _topology_of(exchange(_node_key(), "the topology exchange", default_timeout()))
 
 
-# One long-timeout gloo group per default process group; creating it is itself a collective, so it
-# is made once, at the first collection, by every rank together.
-_WAIT_GROUPS: weakref.WeakKeyDictionary[Any, tuple[datetime.timedelta, Any]] = weakref.WeakKeyDictionary()
+def _check_in(
+    describe: Callable[[], Mapping[str, Any]] | None, timeout: datetime.timedelta | float | None
+) -> tuple[Topology, datetime.timedelta]:
+    """Returns (the topology, the wait for fetches) once every rank arrived with the same description.
+
+    A rank's own failure to describe itself (a bad timeout, a condition that raises) travels to
+    every rank like a fetch error; so does any difference between two ranks' descriptions.
+    """
+    rank = dist.get_rank()
+
+    def describe_here() -> tuple[datetime.timedelta, dict[str, Any]]:
+        wait = collect_timeout(timeout)
+        return wait, {"collect timeout (s)": wait.total_seconds(), **(describe() if describe is not None else {})}
+
+    state, value, local_error = _attempt(describe_here, rank)
+    arrivals = exchange((_node_key(), (state, value)), "the collection", default_timeout())
+    _raise_first_error([outcome for _, outcome in arrivals], local_error)
+    compare([outcome[1][1] for _, outcome in arrivals])
+    return _topology_of([node for node, _ in arrivals]), value[0]
 
 
-def _wait_group(timeout: datetime.timedelta | float | None) -> Any:
-    wanted = collect_timeout(timeout)
+# ------------------------------------------------------------------------------------------------
+# The long wait, on its own gloo group
+# ------------------------------------------------------------------------------------------------
+
+# One long-timeout gloo group per default process group, made once every rank has checked in.
+_WAIT_GROUPS: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictionary()
+_set_pg_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+
+
+def _wait_group(bound: datetime.timedelta, wanted: datetime.timedelta) -> Any:
     world = dist.group.WORLD
     cached = _WAIT_GROUPS.get(world)
-    if cached is not None and cached[0] == wanted:
-        return cached[1]
-    group = dist.new_group(backend="gloo", timeout=wanted)
-    _WAIT_GROUPS[world] = (wanted, group)
-    return group
+    if cached is None:
+        # Its rendezvous waits for every rank: bounded, in case one died since it checked in. The
+        # long timeout is set afterwards, for the wait on fetches alone.
+        with _lost_contact("the creation of the wait group"):
+            group = dist.new_group(backend="gloo", timeout=bound if _set_pg_timeout is not None else wanted)
+        cached = _WAIT_GROUPS[world] = [bound if _set_pg_timeout is not None else wanted, group]
+    if cached[0] != wanted and _set_pg_timeout is not None:
+        _set_pg_timeout(wanted, cached[1])
+        cached[0] = wanted
+    return cached[1]
 
 
-def _gather(value: Any, group: Any) -> list[Any]:
+def close() -> None:
+    """Destroys the wait group (at exit, or before the default process group is destroyed); idempotent."""
+    for world in list(_WAIT_GROUPS):
+        _, group = _WAIT_GROUPS.pop(world)
+        with contextlib.suppress(Exception):  # already gone with the default group
+            if dist.is_initialized():
+                dist.destroy_process_group(group)
+
+
+# A gloo group torn down by the interpreter's final garbage collection, after the default group or
+# with its threads still running, can abort the process ("terminate called without an active exception").
+atexit.register(close)
+
+
+def _gather(value: Any, group: Any, what: str) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
-    with _lost_contact():
+    with _lost_contact(what):
         dist.all_gather_object(out, value, group=group)
     return out
 
 
 @contextlib.contextmanager
-def _lost_contact() -> Iterator[None]:
+def _lost_contact(what: str) -> Iterator[None]:
     """Turns a collective that broke (a peer died, a timeout) into one clear PretrainerError."""
     try:
         yield
     except PretrainerError:
         raise
     except RuntimeError as error:
+        raw = str(error)
+        logger.debug("A collective failed while waiting for %s: %s", what, raw)
+        why = (
+            "the wait timed out"
+            if "timeout" in raw.lower() or "timed out" in raw.lower()
+            else "a peer closed its connection"
+        )
         raise PretrainerError(
-            f"Lost contact with the other ranks while waiting for the collection outcome: {str(error).splitlines()[0]}",
+            f"Lost contact with the other ranks while waiting for {what}: {why}.",
             rank=global_rank(),
             hint="Another rank probably crashed (killed, out of memory); its own log says why.",
         ) from error
@@ -196,7 +265,7 @@ def _attempt(work: Callable[[], T], rank: int) -> tuple[str, Any, BaseException 
 
 
 def _round(
-    work: Callable[[], T], rank: int, runs: bool, group: Any, *, share_value: bool = True
+    work: Callable[[], T], rank: int, runs: bool, group: Any, *, share_value: bool = True, what: str = "the fetch"
 ) -> tuple[list[Any], Any]:
     """Returns (every rank's outcome, this rank's value) once `work` ran where `runs`; a failure anywhere raises everywhere.
 
@@ -205,19 +274,26 @@ def _round(
     """
     state, value, local_error = _attempt(work, rank) if runs else ("idle", None, None)
     shared = (state, value if share_value or state == "error" else None) if runs else None
-    outcomes = _gather(shared, group)
+    outcomes = _gather(shared, group, what)
     _raise_first_error(outcomes, local_error)
     return outcomes, value
 
 
 def _raise_first_error(outcomes: list[Any], local_error: BaseException | None) -> None:
-    failures = [o for o in outcomes if o is not None and o[0] == "error"]
+    """Raises the root cause among the failed outcomes, listing the other ranks' causes after it."""
+    failures = [o[1] for o in outcomes if o is not None and o[0] == "error"]
     if not failures:
         return
-    record = min(failures, key=lambda o: o[1]["rank"])[1]
-    error = error_from_record(record)
-    if len(failures) > 1:
-        error.message += f" ({len(failures) - 1} other rank(s) failed too.)"
+    failures.sort(key=lambda r: (root_cause_order(r["type"]), r["rank"] if r["rank"] is not None else len(outcomes)))
+    error = error_from_record(failures[0])
+    others: dict[str, list[str]] = {}
+    for record in failures[1:]:
+        text = f"{record['type']}: {record['message'].splitlines()[0][:200]}" if record["message"] else record["type"]
+        others.setdefault(text, []).append(str(record["rank"]))
+    if others:
+        causes = [f"rank{'s' if len(ranks) > 1 else ''} {', '.join(ranks)}: {text}" for text, ranks in others.items()]
+        shown = "; ".join(causes[:4]) + (f"; and {len(causes) - 4} more" if len(causes) > 4 else "")
+        error.message = f"{error.message.rstrip()} (Other ranks failed too: {shown})"
     if local_error is not None:
         raise error from local_error
     raise error
@@ -230,6 +306,7 @@ def run_once(
     probe: SharedProbe | None = None,
     check: Callable[[T], bool] | None = None,
     timeout: datetime.timedelta | float | None = None,
+    describe: Callable[[], Mapping[str, Any]] | None = None,
 ) -> T:
     """Returns the value of `work`, run by the fetching rank(s) only, on every rank.
 
@@ -242,17 +319,25 @@ def run_once(
         check: run by every rank on the value it received; a node where it returns False gets its
             own fetch (with "auto") or is an error (otherwise).
         timeout: how long to wait for the fetching rank(s); see `DEFAULT_TIMEOUT`.
+        describe: what this rank means to do, as field -> value (values compared with ``==``);
+            run on every rank before anything else, and compared between ranks.
 
     Raises:
-        PretrainerError: on every rank, when any fetching rank failed; it names that rank.
+        PretrainerError: on every rank, when a rank did not arrive within the default process
+            group's timeout (naming it), when `describe` failed or differs between ranks (a
+            `ConfigurationError` naming the rank and the field), or when any fetching rank failed.
     """
     if not is_distributed():
+        collect_timeout(timeout)  # a bad value is an error with one process too
+        if describe is not None:
+            describe()
         return work()
 
-    group = _wait_group(timeout)
-    topo = topology(group)
+    topo, wait = _check_in(describe, timeout)
+    bound = default_timeout()
+    group = _wait_group(bound, wait)
     rank = topo.rank
-    fetch_for_node = _nodes_that_fetch(topo, per_node, probe, group)
+    fetch_for_node = _nodes_that_fetch(topo, per_node, probe, bound)
 
     def fetcher_of(r: int) -> int:
         node = topo.node_of[r]
@@ -264,7 +349,7 @@ def run_once(
     if check is None:
         return mine
 
-    seen = _gather(bool(_safe_check(check, mine)), group)
+    seen = exchange(bool(_safe_check(check, mine)), "the check of the collected files", bound)
     blind_nodes = sorted({topo.node_of[r] for r, ok in enumerate(seen) if not ok})
     if not blind_nodes:
         return mine
@@ -288,7 +373,7 @@ def run_once(
     outcomes, _ = _round(work, rank, topo.node in blind_nodes and topo.leader(topo.node) == rank, group)
     if topo.node in blind_nodes:
         mine = outcomes[topo.leader(topo.node)][1]
-    seen = _gather(bool(_safe_check(check, mine)), group)
+    seen = exchange(bool(_safe_check(check, mine)), "the check of the collected files", bound)
     if not all(seen):
         blind_rank = seen.index(False)
         raise PretrainerError(
@@ -306,23 +391,23 @@ def _safe_check(check: Callable[[Any], bool], value: Any) -> bool:
         return False
 
 
-def _nodes_that_fetch(topo: Topology, per_node: PerNode, probe: SharedProbe | None, group: Any) -> list[bool]:
+def _nodes_that_fetch(
+    topo: Topology, per_node: PerNode, probe: SharedProbe | None, bound: datetime.timedelta
+) -> list[bool]:
     """Returns, per node, whether its first rank fetches for it (else rank 0 does)."""
     if topo.num_nodes == 1 or per_node is False:
         return [False] * topo.num_nodes
     if per_node is True or probe is None:
         return [n != 0 for n in range(topo.num_nodes)]
-    token_box: list[Any] = [None]
+    token: Any = None
     if topo.rank == 0:
         try:
-            token_box[0] = probe.mark()
+            token = probe.mark()
         except Exception as error:  # an unwritable folder fails the fetch itself, with a clear error
             logger.debug("Could not mark the collection folder: %s", error)
-    with _lost_contact():
-        dist.broadcast_object_list(token_box, src=0, group=group)
-    token = token_box[0]
+    token = exchange(token, "the shared-folder probe", bound)[0]
     sees = bool(token is not None and _safe_check(probe.sees, token))
-    seen = _gather(sees, group)
+    seen = exchange(sees, "the shared-folder probe", bound)
     if topo.rank == 0 and token is not None:
         try:
             probe.clear(token)
@@ -334,23 +419,27 @@ def _nodes_that_fetch(topo: Topology, per_node: PerNode, probe: SharedProbe | No
 def run_everywhere(work: Callable[[], T], *, timeout: datetime.timedelta | float | None = None) -> T:
     """Returns `work()`, run on every rank; if it fails on any rank, every rank raises that error.
 
+    The wait outlives a slow load on another rank (the collection's wait, not the process group's
+    timeout); a rank that dies meanwhile ends it at once (gloo notices closed sockets).
+
     Raises:
-        PretrainerError: on every rank, naming the lowest failing rank.
+        PretrainerError: on every rank, naming the root cause's rank and listing the others.
     """
     if not is_distributed():
         return work()
-    _, value = _round(work, dist.get_rank(), True, _wait_group(timeout), share_value=False)
+    group = _wait_group(default_timeout(), collect_timeout(timeout))
+    _, value = _round(work, dist.get_rank(), True, group, share_value=False, what="the other ranks' loads")
     return value
 
 
 def broadcast_object(value: Any, src: int = 0, *, timeout: datetime.timedelta | float | None = None) -> Any:
-    """Returns rank `src`'s `value` on every rank (the value itself when not distributed)."""
+    """Returns rank `src`'s `value` on every rank (the value itself when not distributed); bounded by the default timeout.
+
+    `timeout` is accepted for compatibility; the exchange is bounded by the default process group's.
+    """
     if not is_distributed():
         return value
-    box = [value]
-    with _lost_contact():
-        dist.broadcast_object_list(box, src=src, group=_wait_group(timeout))
-    return box[0]
+    return exchange(value if dist.get_rank() == src else None, "a broadcast", default_timeout())[src]
 
 
 def global_rank() -> int:

@@ -150,6 +150,28 @@ _BY_NAME: dict[str, type[PretrainerError]] = {
 }
 
 
+# When several ranks fail, the error shown is the likeliest root cause: a wrong setting or a bad
+# file explains the "No such file" or the lost contact that it caused on another rank, not the reverse.
+_ROOT_CAUSE_ORDER = (
+    "ConfigurationError",
+    "ChecksumError",
+    "UnsafeCheckpointError",
+    "OfflineError",
+    "FetchError",
+    "TransferError",
+    "RemoteError",
+    "PretrainerError",
+)
+
+
+def root_cause_order(type_name: str) -> int:
+    """Returns where an error of this type ranks as a root cause when several ranks fail (lower: first)."""
+    try:
+        return _ROOT_CAUSE_ORDER.index(type_name)
+    except ValueError:
+        return len(_ROOT_CAUSE_ORDER)
+
+
 def error_from_record(record: dict[str, Any]) -> PretrainerError:
     """Returns the error described by `PretrainerError.to_record` (or a `RemoteError` for a foreign type)."""
     cls = _BY_NAME.get(record["type"], RemoteError)

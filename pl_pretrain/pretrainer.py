@@ -13,13 +13,13 @@ import datetime
 import logging
 import os
 import pathlib
-import uuid
 from collections.abc import Callable, Mapping
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from pl_pretrain import distributed
 from pl_pretrain._constants import DEFAULT_COLLECT_IN, PARAMFILE_EXT
 from pl_pretrain._shards import check_pinned_shards, pin_shards, recorded_shards
+from pl_pretrain.conditions import condition_value
 from pl_pretrain.errors import (
     ArgumentTypeError,
     ChecksumError,
@@ -43,11 +43,13 @@ from pl_pretrain.fetching import (
     discard_unreadable,
     fetch_file,
     fetch_shards,
+    file_sha256,
     guess_source,
     parse_checksum,
     redact_url,
     verify_sha256,
 )
+from pl_pretrain.identity import FileIdentity, FolderProbe, all_match, check_pinned
 from pl_pretrain.transfer import (
     DEFAULT_LOAD_HOOKS,
     DEFAULT_TRANSFER_HOOKS,
@@ -68,6 +70,14 @@ logger = logging.getLogger(__name__)
 
 
 Source = str | os.PathLike | FetchSource
+
+
+class _Collection(NamedTuple):
+    """What the fetching rank sends every rank it fetched for: the files, pinned, and who placed them."""
+
+    fetcher: int
+    files: dict[str, Fetched]
+    pins: dict[str, dict[str, FileIdentity]]  # key -> {path: identity} (the file and its shards)
 
 
 def shard_folder_name(collected_name: str) -> str:
@@ -131,6 +141,8 @@ class Pretrainer:
         self._fetched_here = False  # this process ran the fetch (the fetching rank): it alone may remove files
         self._placed: dict[str, str] = {}  # key -> the collected file collect_files wrote into paths
         self._configured: dict[str, Source | None] = {}  # key -> the path it was collected from
+        self._pins: dict[str, dict[str, FileIdentity]] = {}
+        self._fetcher: int | None = None  # the rank that placed the collected files (None: unknown)
         self.add_loadables(loadables or {})
         self.add_paths(paths or {})
         self.add_custom_hooks(custom_hooks or {})
@@ -204,11 +216,15 @@ class Pretrainer:
         return split(os.fspath(cast("str | os.PathLike[str]", path)))
 
     def is_loadable(self, name: str) -> bool:
-        """Returns True when `name` has no condition, or its condition (bool or callable) is true."""
-        if name not in self.conditions:
-            return True
-        condition = self.conditions[name]
-        return bool(condition() if callable(condition) else condition)
+        """Returns True when `name` has no condition, or its condition (bool or callable) is true.
+
+        A string condition (from a YAML or command-line config) counts by its meaning: ``"False"``,
+        ``"0"``, ``"no"``, ``"off"`` and ``""`` are false, ``"True"``, ``"1"``, ``"yes"``, ``"on"`` true.
+
+        Raises:
+            ConfigurationError: the condition raised, or is a string of another meaning; names the key.
+        """
+        return name not in self.conditions or condition_value(name, self.conditions[name])
 
     # ----------------------------------------------------------------------------------------
     # Collecting
@@ -260,24 +276,38 @@ class Pretrainer:
         per_node = distributed.as_per_node(collect_per_node)
 
         self._fetched_here = False
+        planned: list[dict[str, tuple[Source, str]]] = []
 
-        def work() -> dict[str, Fetched]:
+        def describe() -> dict[str, Any]:
+            # Run by every rank before anything is fetched; compared between ranks (a rank whose
+            # keys, conditions, sources, checksums or folder differ fails every rank).
+            planned.append(self._plan(default_source))
+            return self._description(planned[-1], per_node, config)
+
+        def work() -> _Collection:
             self._fetched_here = True  # only the ranks that fetch run the work
-            return self._fetch_all(default_source, strategy, config)
+            plan = planned[-1] if planned else self._plan(default_source)
+            files = {key: self._fetch_one(key, *where, strategy, config) for key, where in plan.items()}
+            pins = {
+                key: {str(f.path): FileIdentity.of(f.path, f.sha256) for f in placed} for key, placed in files.items()
+            }
+            return _Collection(distributed.global_rank(), {key: placed[0] for key, placed in files.items()}, pins)
 
         if ddp:
-            collected = distributed.run_once(
+            collection = distributed.run_once(
                 work,
                 per_node=per_node,
-                probe=_FolderProbe(self.collect_in) if self.collect_in is not None else None,
-                check=_all_readable,
+                probe=FolderProbe(self.collect_in) if self.collect_in is not None else None,
+                check=lambda c: all(all_match(p) for p in c.pins.values()),
                 timeout=timeout,
+                describe=describe,
             )
             self._synchronised = distributed.is_distributed()
         else:
-            collected = work()
-        self.collected = collected
-        self.loadable_paths = {key: fetched.path for key, fetched in collected.items()}
+            collection = work()
+        self.collected = collection.files
+        self._pins, self._fetcher = collection.pins, collection.fetcher
+        self.loadable_paths = {key: fetched.path for key, fetched in self.collected.items()}
         for key, path in self.loadable_paths.items():
             # SpeechBrain points paths[key] at the collected file; where it came from is kept for
             # source_of, so that a later collect_files still asks the original source.
@@ -297,6 +327,22 @@ class Pretrainer:
             return self._configured.get(key)
         return path
 
+    def _description(
+        self, plan: Mapping[str, tuple[Source, str]], per_node: object, config: FetchConfig
+    ) -> dict[str, Any]:
+        """Returns what this rank means to collect, field by field, to compare with the other ranks'."""
+        return {
+            "loadables": sorted(self.loadables),
+            "conditions": {key: key in plan for key in sorted(self.loadables)},
+            "paths": {
+                key: f"{_show_source(source, config.shown_query)}/{name}"
+                for key, (source, name) in sorted(plan.items())
+            },
+            "checksums": {key: parse_checksum(value, key=key) for key, value in sorted(self.checksums.items())},
+            "collect_in": None if self.collect_in is None else os.path.abspath(self.collect_in),
+            "collect_per_node": per_node,
+        }
+
     def source_of(self, key: str, default_source: Source | None = None) -> tuple[Source, str] | None:
         """Returns (source, filename) that `key` is fetched from, or None when it has no path and no default.
 
@@ -310,9 +356,8 @@ class Pretrainer:
             return default_source, key + PARAMFILE_EXT
         return None
 
-    def _fetch_all(
-        self, default_source: Source | None, strategy: LocalStrategy, config: FetchConfig
-    ) -> dict[str, Fetched]:
+    def _plan(self, default_source: Source | None) -> dict[str, tuple[Source, str]]:
+        """Returns key -> (source, filename) of every loadable to collect (conditions evaluated once, here)."""
         self._check_keys()
         requests = {}
         for key in self.loadables:
@@ -326,14 +371,12 @@ class Pretrainer:
                     hint=f"Add paths={{'{key}': '<source>/<file>'}}, or pass collect_files(default_source=...).",
                 )
             requests[key] = where
-        return {
-            key: self._fetch_one(key, source, filename, strategy, config)
-            for key, (source, filename) in requests.items()
-        }
+        return requests
 
     def _fetch_one(
         self, key: str, source: Source, filename: str, strategy: LocalStrategy, config: FetchConfig
-    ) -> Fetched:
+    ) -> list[Fetched]:
+        """Returns the fetched file for `key`, followed by its shards when it is a sharded checkpoint's index."""
         shown = _show_source(source, config.shown_query)
         expected = parse_checksum(self.checksums[key], key=key) if key in self.checksums else None
         try:
@@ -360,7 +403,8 @@ class Pretrainer:
                     self._shard_pins[key] = pin_shards(
                         expected, dict(zip(shards, parts, strict=True)), self._shard_dir(key)
                     )
-            return fetched
+                return [fetched, *parts]
+            return [fetched]
         except PretrainerError as error:
             error.with_context(key=key, source=shown)
             raise
@@ -413,6 +457,7 @@ class Pretrainer:
         """
         if not self.collected:
             self.collected = self._found_in_collect_in()
+            self._pins, self._fetcher = {}, None
 
         def work() -> dict[str, TransferReport | None]:
             return {key: self._load_one(key, fetched) for key, fetched in self.collected.items()}
@@ -459,10 +504,14 @@ class Pretrainer:
         try:
             if key in self.checksums:
                 # Verified again before loading: the file may have changed since it was collected.
-                pinned = parse_checksum(self.checksums[key], key=key)
-                verify_sha256(fetched, pinned, rehash=True)
-                self._check_pinned_shards(key, fetched.path, pinned)
+                self._verify_before_loading(key, fetched)
+                self._check_pinned_shards(key, fetched.path, parse_checksum(self.checksums[key], key=key))
+            pins = self._pins.get(key, {})
+            check_pinned(pins, fetched, self._fetcher, distributed.global_rank())
             result = self._call_hook(key, obj, fetched.path)
+            # Checked again after: the bytes just loaded were the pinned ones (a replacement renames
+            # over the path, and a file that was open keeps its bytes).
+            check_pinned(pins, fetched, self._fetcher, distributed.global_rank())
         except PretrainerError as error:
             error.with_context(key=key, source=fetched.location)
             self._forget_unreadable(error, fetched)
@@ -501,6 +550,23 @@ class Pretrainer:
             "The server sent something other than the checkpoint (a body cut short, an HTML login page, a "
             "compressed body): run again to fetch it again; if it fails again, check the address and credentials."
         )
+
+    def _verify_before_loading(self, key: str, fetched: Fetched) -> None:
+        expected = parse_checksum(self.checksums[key], key=key)
+        if self._fetched_here:
+            verify_sha256(fetched, expected, rehash=True)  # removes a bad file: this process placed it
+            return
+        # Only the process that placed a file removes it: removing it here would pull it from under
+        # the ranks loading it, and hide this cause behind their "No such file".
+        actual = file_sha256(fetched.path)
+        if actual != expected:
+            placer = "the rank that placed it" if self._fetcher is None else f"rank {self._fetcher}, which placed it,"
+            raise ChecksumError(
+                f"'{fetched.path}' changed after it was collected: it has sha256 {actual}, but sha256 {expected} "
+                f"was expected; the file was left for {placer} to remove.",
+                source=fetched.source,
+                hint="The file was changed after it was fetched: fetch again, or update the pinned checksum.",
+            )
 
     def _call_hook(self, key: str, obj: Any, path: pathlib.Path) -> Any:
         options = self.transfer_options.get(key)
@@ -606,39 +672,6 @@ def _show_source(source: Source, shown_query: tuple[str, ...] = ()) -> str:
     if fetch_from is FetchFrom.URI:
         return redact_url(text, shown_query)
     return text
-
-
-def _all_readable(collected: Mapping[str, Fetched]) -> bool:
-    """True when every collected file can be opened here with the size the fetcher saw."""
-    for fetched in collected.values():
-        try:
-            if os.stat(fetched.path).st_size != fetched.size:
-                return False
-        except OSError:
-            return False
-    return True
-
-
-class _FolderProbe:
-    """Marks a collection folder so that other nodes can tell whether they see the same one."""
-
-    def __init__(self, folder: pathlib.Path) -> None:
-        self.folder = folder / RECORD_DIR
-
-    def mark(self) -> str | None:
-        token = uuid.uuid4().hex
-        self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / f"shared-{token}").write_text(token)
-        return token
-
-    def sees(self, token: str) -> bool:
-        try:
-            return (self.folder / f"shared-{token}").read_text() == token
-        except OSError:
-            return False
-
-    def clear(self, token: str) -> None:
-        (self.folder / f"shared-{token}").unlink(missing_ok=True)
 
 
 def _collect_arguments(

@@ -7,10 +7,12 @@ Every rank records its encoder's fingerprint when training starts into $PL_PRETR
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import pathlib
 import sys
+import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -18,6 +20,20 @@ import lightning as L  # noqa: E402
 from lightning_models import LateModel, Model  # noqa: E402
 
 from pl_pretrain import PretrainerCallback, PretrainerError  # noqa: E402
+
+
+class LostBeforeTheCollection(L.Callback):
+    """On the node named by $PL_PRETRAIN_TEST_LOST_NODE, dies or raises in `setup`, just before the collection."""
+
+    def __init__(self, how: str) -> None:
+        self.how = how
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if os.environ.get("NODE_RANK") != os.environ.get("PL_PRETRAIN_TEST_LOST_NODE"):
+            return
+        if self.how == "die":
+            os._exit(9)
+        raise RuntimeError(f"node {os.environ.get('NODE_RANK')} failed before the collection")
 
 
 def main() -> None:
@@ -30,19 +46,28 @@ def main() -> None:
     parser.add_argument("--tag", default="job")
     parser.add_argument("--late-model", action="store_true", help="build the layers in configure_model")
     parser.add_argument("--test-after-fit", action="store_true")
+    parser.add_argument("--pg-timeout", type=float, default=None, help="the process group's timeout, in seconds")
+    parser.add_argument("--lost-before-collect", choices=["die", "raise"], default=None)
     args = parser.parse_args()
 
     model = (LateModel if args.late_model else Model)(tag=args.tag)
     callback = PretrainerCallback(
         collect_in=args.collect_in, loadables={"encoder": "encoder"}, default_source=args.source
     )
+    strategy = args.strategy
+    if args.pg_timeout is not None:
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = DDPStrategy(timeout=datetime.timedelta(seconds=args.pg_timeout))
+    lost = [LostBeforeTheCollection(args.lost_before_collect)] if args.lost_before_collect else []
+    started = time.monotonic()
     trainer = L.Trainer(
         accelerator="cpu",
-        strategy=args.strategy,
+        strategy=strategy,
         devices=args.devices,
         num_nodes=args.num_nodes,
         max_steps=2,
-        callbacks=[callback],
+        callbacks=[*lost, callback],
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -57,7 +82,15 @@ def main() -> None:
         folder = pathlib.Path(os.environ["PL_PRETRAIN_RECORD_DIR"])
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"error-rank{trainer.global_rank}.json").write_text(
-            json.dumps({"type": type(error).__name__, "text": str(error), "key": error.key, "rank": error.rank})
+            json.dumps(
+                {
+                    "type": type(error).__name__,
+                    "text": str(error),
+                    "key": error.key,
+                    "rank": error.rank,
+                    "seconds": time.monotonic() - started,
+                }
+            )
         )
         sys.exit(3)
 
