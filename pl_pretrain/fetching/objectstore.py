@@ -29,7 +29,6 @@ import importlib
 import logging
 import os
 import pathlib
-import re
 import threading
 import urllib.parse
 from collections.abc import Callable
@@ -52,7 +51,7 @@ from pl_pretrain.fetching.records import (
     _same,
     _size_of,
 )
-from pl_pretrain.fetching.redaction import _is_secret, _scrub, redact_url
+from pl_pretrain.fetching.redaction import _option_secrets, _scrub, redact_url
 from pl_pretrain.fetching.sources import FetchConfig, Fetched, FetchFrom, LocalStrategy
 
 logger = logging.getLogger(__name__)
@@ -324,7 +323,7 @@ class _Store:
         self.obj = obj
         self.config = config
         self.backend = obj.backend
-        self.secrets = _secrets(self.backend, config.storage_options)
+        self.secrets = _option_secrets(config.storage_options, self.backend.secret_env)
         self._fs: Any = None
         self._path = ""
 
@@ -451,32 +450,18 @@ def _options(backend: _Backend, config: FetchConfig) -> dict[str, Any]:
 # Errors, without secrets
 # ----------------------------------------------------------------------------------------------
 
+# fmt: off
 _TRANSIENT_NAMES = {
-    "ClientPayloadError",
-    "ServerDisconnectedError",
-    "ClientConnectorError",
-    "ClientOSError",
-    "ServerTimeoutError",
-    "EndpointConnectionError",
-    "ConnectionClosedError",
-    "ConnectTimeoutError",
-    "ReadTimeoutError",
-    "ResponseStreamingError",
-    "IncompleteRead",
-    "IncompleteReadError",
-    "ServiceRequestError",
-    "ServiceResponseError",
-    "ChecksumError",  # gcsfs: the body did not match its checksum
+    "ClientPayloadError", "ServerDisconnectedError", "ClientConnectorError", "ClientOSError",
+    "ServerTimeoutError", "EndpointConnectionError", "ConnectionClosedError", "ConnectTimeoutError",
+    "ReadTimeoutError", "ResponseStreamingError", "IncompleteRead", "IncompleteReadError",
+    "ServiceRequestError", "ServiceResponseError", "ChecksumError",
 }
 _CREDENTIAL_NAMES = {
-    "NoCredentialsError",
-    "PartialCredentialsError",
-    "CredentialRetrievalError",
-    "DefaultCredentialsError",
-    "RefreshError",
-    "ClientAuthenticationError",
-    "NoAuthTokenError",
+    "NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError", "DefaultCredentialsError",
+    "RefreshError", "ClientAuthenticationError", "NoAuthTokenError",
 }
+# fmt: on
 
 
 def _status(error: BaseException) -> int | None:
@@ -548,28 +533,3 @@ def _translate(error: BaseException, obj: _Object, backend: _Backend, secrets: l
 def _scrubbed(error: BaseException, secrets: list[str]) -> FetchError:
     """Returns the backend's error as a cause that keeps its type and message, without secrets."""
     return FetchError(_scrub(f"{type(error).__module__}.{type(error).__name__}: {error}", secrets))
-
-
-_SECRET_OPTION = re.compile(r"secret|token|passw|credential|connection_string|account_key|sas|^key$", re.IGNORECASE)
-_CONNECTION_SECRET = re.compile(r"(?:AccountKey|SharedAccessSignature)=([^;]+)", re.IGNORECASE)
-
-
-def _secrets(backend: _Backend, storage_options: dict[str, Any] | None) -> list[str]:
-    """Returns the secret strings of the configuration and the environment, longest first, to scrub from messages."""
-    found: list[str] = []
-
-    def take(name: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for inner_name, inner in value.items():
-                take(str(inner_name), inner)
-        elif isinstance(value, str) and (_SECRET_OPTION.search(name) or _is_secret(name)):
-            found.append(value)
-            found.extend(_CONNECTION_SECRET.findall(value))
-
-    for name, value in (storage_options or {}).items():
-        take(str(name), value)
-    for name in backend.secret_env:
-        take("secret", os.environ.get(name))
-    pieces = {piece for piece in found if len(piece) >= 4}
-    pieces |= {urllib.parse.quote(piece, safe="") for piece in pieces}
-    return sorted(pieces, key=len, reverse=True)

@@ -13,9 +13,11 @@ or a checkpoint. `scrubbed_chain` does the same for an exception and every cause
 
 from __future__ import annotations
 
+import os
 import re
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 __all__ = ["redact_url"]
 
@@ -153,3 +155,29 @@ def scrubbed_chain(error: BaseException, secrets: Iterable[str]) -> ScrubbedCaus
     for copy, behind in zip(copies, copies[1:], strict=False):
         copy.__cause__ = behind
     return copies[0]
+
+
+_SECRET_OPTION = re.compile(r"secret|token|passw|credential|connection_string|account_key|sas|^key$", re.IGNORECASE)
+_CONNECTION_SECRET = re.compile(r"(?:AccountKey|SharedAccessSignature)=([^;]+)", re.IGNORECASE)
+
+
+def _option_secrets(options: Mapping[str, Any] | None, env_names: Iterable[str] = ()) -> list[str]:
+    """Returns the secret strings of an object store's options and of the environment variables
+    `env_names` (keys, tokens, connection strings and the keys inside them), longest first, to scrub."""
+    found: list[str] = []
+
+    def take(name: str, value: Any) -> None:
+        if isinstance(value, Mapping):
+            for inner_name, inner in value.items():
+                take(str(inner_name), inner)
+        elif isinstance(value, str) and (_SECRET_OPTION.search(name) or _is_secret(name)):
+            found.append(value)
+            found.extend(_CONNECTION_SECRET.findall(value))
+
+    for name, value in (options or {}).items():
+        take(str(name), value)
+    for name in env_names:
+        take("secret", os.environ.get(name))
+    pieces = {piece for piece in found if len(piece) >= 4}
+    pieces |= {urllib.parse.quote(piece, safe="") for piece in pieces}
+    return sorted(pieces, key=len, reverse=True)
