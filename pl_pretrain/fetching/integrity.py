@@ -115,6 +115,12 @@ def _discard(fetched: Fetched, actual: str | None = None) -> str:
                     return "the file was left in the Hugging Face cache: its bytes are those the Hub's ETag names"
             elif "snapshots" in pointer.parts or real.parent.name == "blobs":
                 _remove_hub_entry(pointer)
+        elif fetched.fetch_from is FetchFrom.URI and path.is_symlink():
+            # A link into the object-store cache: its copy goes too, else the next run would link the
+            # same bytes again (an object's ETag, unchanged, does not vouch for the bytes).
+            cached = pathlib.Path(os.path.realpath(path))
+            cached.unlink(missing_ok=True)
+            _remove_record(cached.parent, cached.name)
         path.unlink(missing_ok=True)  # unlink never follows a link: a linked source file stays
         _remove_record(path.parent, path.name)
     except OSError as error:
