@@ -3,39 +3,30 @@
 A pin (``checksums={key: "sha256:..."}``) names the index file of a sharded checkpoint, and a
 Hugging Face index lists its shards by name only: without this the pin would vouch for the
 index and for none of the weights. The fetching process records each shard's digest beside the
-shards (``<collect_in>/<key>.shards/.pl_pretrain/.index-sha256.json``) for the pinned index, and
+shards (``<collect_in>/<key>.shards/.pl_pretrain/.index-sha256.json``, as the folder's records) for the pinned index, and
 every later collection and every load compares the shards with that record.
 """
 
 from __future__ import annotations
 
-import json
-import os
+import contextlib
 import pathlib
-import uuid
 from collections.abc import Mapping
 
-from pl_pretrain._constants import RECORD_DIR
 from pl_pretrain.errors import ChecksumError
 from pl_pretrain.fetching import Fetched, file_sha256, verify_sha256
 
+# Written and read as the folder's own records are (whole, fsynced), under a name no shard's record has.
+from pl_pretrain.fetching.records import _read_record, _write_record
+
 __all__ = ["pin_shards", "check_pinned_shards", "recorded_shards"]
 
-_MANIFEST = ".index-sha256.json"  # a dot name: never the record of a shard, whose names are plain
-
-
-def _manifest(folder: pathlib.Path) -> pathlib.Path:
-    return folder / RECORD_DIR / _MANIFEST
+_MANIFEST = ".index-sha256"  # a dot name: never the record of a shard, whose names are plain
 
 
 def recorded_shards(folder: pathlib.Path | None, index_sha256: str) -> dict[str, str] | None:
     """Returns shard name -> sha256 recorded in `folder` for the index with this digest, or None."""
-    if folder is None:
-        return None
-    try:
-        manifest = json.loads(_manifest(folder).read_text())
-    except (OSError, ValueError):
-        return None
+    manifest = None if folder is None else _read_record(folder, _MANIFEST)
     if not isinstance(manifest, dict) or manifest.get("index_sha256") != index_sha256:
         return None  # recorded for another index (the pin changed): recorded again
     shards = manifest.get("shards")
@@ -65,7 +56,9 @@ def pin_shards(index_sha256: str, shards: Mapping[str, Fetched], folder: pathlib
                 ) from None
         digests[name] = fetched.sha256 if fetched.sha256 and not fetched.reused else file_sha256(fetched.path)
     if folder is not None and digests != recorded:
-        _write(folder, {"index_sha256": index_sha256, "shards": digests})
+        # A read-only store (compute nodes) cannot record: its record, when there is one, was checked above.
+        with contextlib.suppress(OSError):
+            _write_record(folder, _MANIFEST, {"index_sha256": index_sha256, "shards": digests})
     return digests
 
 
@@ -82,17 +75,3 @@ def check_pinned_shards(recorded: Mapping[str, str], paths: Mapping[str, pathlib
                 "was recorded with the pinned index; nothing was loaded.",
                 hint="Collect the checkpoint again (FetchConfig(overwrite=True)).",
             )
-
-
-def _write(folder: pathlib.Path, manifest: dict[str, object]) -> None:
-    path = _manifest(folder)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(manifest, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
