@@ -80,6 +80,22 @@ def test_lightning_ddp_subprocess(tmp_path, http_server, published):
     assert len(http_server.gets("/models/encoder.ckpt")) == 1
 
 
+def test_lightning_ddp_resume_then_test_of_a_fresh_model_loads_it(tmp_path, http_server, published):
+    # fit(ckpt_path=...) leaves trainer.ckpt_path set; a fresh model tested afterwards still gets the file.
+    source, expected = published
+    records = tmp_path / "records"
+    result = _run(
+        [sys.executable, str(JOB), "--source", source, "--collect-in", str(tmp_path / "c"), "--resume-then-test-fresh"],
+        {"PL_PRETRAIN_RECORD_DIR": str(records)},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ends = _records(records, "job", "train_end", 2)
+    resumed = _records(records, "job-resumed", "train_start", 2)
+    assert [r["encoder"] for r in resumed] == [e["encoder"] for e in ends] != [expected, expected]  # the restore won
+    fresh = _records(records, "job-fresh", "test_start", 2)
+    assert [f["encoder"] for f in fresh] == [expected, expected]
+
+
 def test_lightning_ddp_fetch_error_reaches_every_rank(tmp_path, http_server):
     records = tmp_path / "records"
     result = _run(

@@ -48,6 +48,11 @@ def main() -> None:
     parser.add_argument("--test-after-fit", action="store_true")
     parser.add_argument("--pg-timeout", type=float, default=None, help="the process group's timeout, in seconds")
     parser.add_argument("--lost-before-collect", choices=["die", "raise"], default=None)
+    parser.add_argument(
+        "--resume-then-test-fresh",
+        action="store_true",
+        help="save a checkpoint, resume it on a second Trainer with fit(ckpt_path=...), then test a fresh model there",
+    )
     args = parser.parse_args()
 
     model = (LateModel if args.late_model else Model)(tag=args.tag)
@@ -78,6 +83,27 @@ def main() -> None:
         trainer.fit(model)
         if args.test_after_fit:
             trainer.test(model)
+        if args.resume_then_test_fresh:
+            ckpt = pathlib.Path(args.collect_in).parent / "last.ckpt"
+            trainer.save_checkpoint(ckpt)
+            trainer = L.Trainer(
+                accelerator="cpu",
+                strategy=args.strategy,
+                devices=args.devices,
+                max_steps=4,
+                callbacks=[
+                    PretrainerCallback(
+                        collect_in=args.collect_in, loadables={"encoder": "encoder"}, default_source=args.source
+                    )
+                ],
+                logger=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                enable_checkpointing=False,
+                default_root_dir=os.environ.get("PL_PRETRAIN_RECORD_DIR", "."),
+            )
+            trainer.fit(Model(tag=f"{args.tag}-resumed"), ckpt_path=ckpt)
+            trainer.test(Model(tag=f"{args.tag}-fresh"))
     except PretrainerError as error:
         folder = pathlib.Path(os.environ["PL_PRETRAIN_RECORD_DIR"])
         folder.mkdir(parents=True, exist_ok=True)
