@@ -335,3 +335,108 @@ def test_a_slurm_batch_shell_is_one_process(tmp_path, monkeypatch):
     pretrainer.collect_files(default_source=_source(tmp_path), internal_ddp_handling=True)
     pretrainer.load_collected()
     assert digest(encoder) == digest(module(1))
+
+
+# ------------------------------------------------------------------------------------------
+# Who removes a bad file, which cause is shown, and which bytes each rank loads
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_only_the_rank_that_placed_a_file_removes_it(tmp_path):
+    # SpeechBrain's pattern: rank 0 collects, every rank loads; the copy is damaged in between and
+    # rank 1 loads first. Rank 1 must not delete rank 0's file: rank 0 then reports the checksum itself.
+    source = _source(tmp_path, seed=4)
+    pin = "sha256:" + __import__("hashlib").sha256((pathlib.Path(source) / "encoder.ckpt").read_bytes()).hexdigest()
+    cell = {"collect_in": str(tmp_path / "c"), "source": source, "checksums": {"encoder": pin}}
+    rank0, rank1 = assert_all_ok(run_ranks(rank_jobs.speechbrain_pattern, 2, args=(cell,)))
+    assert rank1["error"] == "ChecksumError", rank1
+    assert rank1["file_left"], "rank 1, which did not place the file, removed it"
+    assert "left for the rank that placed it to remove" in rank1["text"]
+    assert rank0["error"] == "ChecksumError", rank0  # not a "No such file"
+    assert "the file was removed" in rank0["text"]
+    assert not (tmp_path / "c" / "encoder.ckpt").exists()  # removed by rank 0, which placed it
+
+
+@pytest.mark.slow
+def test_the_root_cause_is_shown_first_with_the_other_ranks_causes(tmp_path):
+    cell = {
+        "collect_in": str(tmp_path / "c"),
+        "source": _source(tmp_path),
+        "hook_errors": {"0": "gone", "2": "checksum"},
+    }
+    outcomes = [r[0] for r in assert_all_ok(run_ranks(rank_jobs.collect_cells, 3, args=([cell],)))]
+    assert len({o["text"] for o in outcomes}) == 1, outcomes
+    for outcome in outcomes:
+        assert outcome["error"] == "ChecksumError" and outcome["rank_in_error"] == 2, outcome
+        text = outcome["text"]
+        assert "Other ranks failed too: rank 0: TransferError:" in text and "No such file" in text, text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["COPY", "SYMLINK"])
+def test_two_jobs_two_revisions_one_folder_never_load_each_others_bytes(tmp_path, hub, strategy):
+    import threading
+
+    first, second = module(seed=51), module(seed=52)
+    hub.add_file("org/m", "encoder.ckpt", ckpt_bytes(first), revision="v1")
+    hub.add_file("org/m", "encoder.ckpt", ckpt_bytes(second), revision="v2")
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    collect_in = tmp_path / "shared"
+    cell = {
+        "collect_in": str(collect_in),
+        "path": "org/m/encoder.ckpt",
+        "revision": "v1",
+        "strategy": strategy,
+        "markers": str(markers),
+    }
+    box: dict = {}
+    job_a = threading.Thread(target=lambda: box.update(results=run_ranks(rank_jobs.collect_then_wait, 2, args=(cell,))))
+    job_a.start()
+    try:
+        deadline = time.monotonic() + 150
+        while len(list(markers.glob("collected-*"))) < 2 and time.monotonic() < deadline and job_a.is_alive():
+            time.sleep(0.1)
+        assert len(list(markers.glob("collected-*"))) == 2, "job A never collected"
+        # Job B collects the other revision into the same folder while job A's ranks are about to load.
+        loaded_by_b = module(seed=7)
+        from pl_pretrain import FetchConfig, LocalStrategy
+
+        job_b = Pretrainer(collect_in, {"encoder": loaded_by_b}, paths={"encoder": "org/m/encoder.ckpt"})
+        job_b.collect_files(local_strategy=LocalStrategy[strategy], fetch_config=FetchConfig(revision="v2"))
+        job_b.load_collected()
+        assert digest(loaded_by_b) == digest(second)
+    finally:
+        (markers / "go").write_text("")
+        job_a.join(200)
+    outcomes = assert_all_ok(box["results"])
+    for rank, outcome in enumerate(outcomes):
+        assert outcome["digest"] != digest(second), f"rank {rank} of job A loaded job B's revision"
+        assert outcome["error"] == "FetchError", f"rank {rank}: {outcome}"
+        text = outcome["text"]
+        assert "is not the file that rank 0 collected for this job" in text and "revision v1" in text, text
+        assert f"rank {rank} finds" in text
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("dist").can_unshare(), reason="simulated nodes need root for mount namespaces")
+def test_per_node_false_on_unshared_folders_never_loads_a_stale_same_size_file(tmp_path):
+    fresh, stale = module(seed=61), module(seed=62)
+    assert len(ckpt_bytes(fresh)) == len(ckpt_bytes(stale))
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "encoder.ckpt").write_bytes(ckpt_bytes(fresh))
+    node_root = tmp_path / "node_local"
+    cell = {"collect_in": str(node_root / "collect"), "source": str(tmp_path / "src"), "per_node": False}
+    results = run_ranks(
+        rank_jobs.stale_copy_on_node_one,
+        4,
+        args=(cell, ckpt_bytes(stale)),
+        nodes=2,
+        private=[str(node_root)],
+        timeout=180,
+    )
+    outcomes = assert_all_ok(results)
+    for rank, outcome in enumerate(outcomes):
+        assert outcome["error"] == "PretrainerError", f"rank {rank} loaded: {outcome}"
+        assert "Rank 2 cannot read the files that rank 0 collected" in outcome["text"]

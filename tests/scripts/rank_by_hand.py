@@ -31,6 +31,7 @@ def main() -> None:
     out = pathlib.Path(sys.argv[2])
     rank = int(os.environ["RANK"])
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=spec["pg_timeout_s"]))
+    dist.barrier()  # every rank is past the rendezvous of init_process_group (else that, not us, fails)
     what = spec.get("absent", {}).get(str(rank))
     if what == "die":
         os._exit(9)
