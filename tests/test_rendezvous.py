@@ -178,7 +178,9 @@ def test_two_hand_launched_lightning_nodes_one_lost_before_the_collection(tmp_pa
             subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         )
     try:
-        errors = [p.communicate(timeout=PG_TIMEOUT_S + 150)[1] for p in procs]
+        errors = [
+            p.communicate(timeout=PG_TIMEOUT_S + 300)[1] for p in procs
+        ]  # Lightning imports are slow on a loaded machine
     finally:
         for p in procs:
             p.kill()
@@ -416,7 +418,7 @@ def test_two_jobs_two_revisions_one_folder_never_load_each_others_bytes(tmp_path
         assert outcome["error"] == "FetchError", f"rank {rank}: {outcome}"
         text = outcome["text"]
         assert "is not the file that rank 0 collected for this job" in text and "revision v1" in text, text
-        assert f"rank {rank} finds" in text
+        assert "rank 0 finds" in text  # every rank raises the same error: the lowest failing rank's
 
 
 @pytest.mark.slow
