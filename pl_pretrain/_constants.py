@@ -24,6 +24,14 @@ __all__ = [
     "cache_root",
     "collect_timeout",
     "launcher_world_size",
+    "DEFAULT_STREAM_TIMEOUT",
+    "DEFAULT_STREAM_CHUNK",
+    "ENV_STREAM_TIMEOUT",
+    "ENV_STREAM_CHUNK",
+    "ENV_TEST_STREAM_FAULT",
+    "stream_timeout",
+    "stream_chunk_size",
+    "stream_fault",
 ]
 
 DEFAULT_COLLECT_IN = "./model_checkpoints"
@@ -43,6 +51,23 @@ ENV_CACHE = "PL_PRETRAIN_CACHE"
 
 ENV_COLLECT_TIMEOUT = "PL_PRETRAIN_COLLECT_TIMEOUT"
 """Seconds the ranks wait for the fetching rank, overriding `DEFAULT_COLLECT_TIMEOUT`."""
+
+DEFAULT_STREAM_TIMEOUT = datetime.timedelta(seconds=60)
+"""How long one step of a stream between nodes (one chunk sent or received) may take before the
+peer counts as stopped: short, because a chunk moves in well under a second on any interconnect."""
+
+DEFAULT_STREAM_CHUNK = 4 * 1024 * 1024
+"""Bytes per chunk of a stream between nodes; each node holds two chunks at a time, whatever the file's size."""
+
+ENV_STREAM_TIMEOUT = "PL_PRETRAIN_STREAM_TIMEOUT"
+"""Seconds one step of a stream between nodes may take, overriding `DEFAULT_STREAM_TIMEOUT`."""
+
+ENV_STREAM_CHUNK = "PL_PRETRAIN_STREAM_CHUNK"
+"""Bytes per chunk of a stream between nodes, overriding `DEFAULT_STREAM_CHUNK` (64 KiB to 256 MiB)."""
+
+ENV_TEST_STREAM_FAULT = "PL_PRETRAIN_TEST_STREAM_FAULT"
+"""Test hook, never for production: ``flip:N`` (the sender flips a byte of chunk N after hashing it,
+a corruption in transit), ``exit:N`` (this rank dies at chunk N) or ``stop:N`` (it stops, SIGSTOP)."""
 
 
 ENV_LAUNCHER_WORLD_SIZE = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")
@@ -104,3 +129,50 @@ def collect_timeout(timeout: datetime.timedelta | float | None = None) -> dateti
             hint=f"Give e.g. {where}=3600 (one hour), or leave it unset for the default of 24 hours.",
         )
     return datetime.timedelta(seconds=seconds)
+
+
+def stream_timeout() -> datetime.timedelta:
+    """Returns how long one step of a stream between nodes may take (``$PL_PRETRAIN_STREAM_TIMEOUT``, else 60 s).
+
+    Raises:
+        ConfigurationError: the value is not a finite, positive number of seconds.
+    """
+    text = os.environ.get(ENV_STREAM_TIMEOUT, "").strip()
+    if not text:
+        return DEFAULT_STREAM_TIMEOUT
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigurationError(
+            f"{ENV_STREAM_TIMEOUT}={text!r} is not a finite, positive number of seconds.",
+            hint=f"Give e.g. {ENV_STREAM_TIMEOUT}=60, or leave it unset for the default of 60 s.",
+        )
+    return datetime.timedelta(seconds=seconds)
+
+
+def stream_chunk_size() -> int:
+    """Returns the bytes per chunk of a stream between nodes (``$PL_PRETRAIN_STREAM_CHUNK``, else 4 MiB).
+
+    Raises:
+        ConfigurationError: the value is not a whole number between 64 KiB and 256 MiB.
+    """
+    text = os.environ.get(ENV_STREAM_CHUNK, "").strip()
+    if not text:
+        return DEFAULT_STREAM_CHUNK
+    if not text.isdigit() or not 64 * 1024 <= int(text) <= 256 * 1024 * 1024:
+        raise ConfigurationError(
+            f"{ENV_STREAM_CHUNK}={text!r} is not a number of bytes between 65536 (64 KiB) and 268435456 (256 MiB).",
+            hint=f"Give e.g. {ENV_STREAM_CHUNK}=4194304 (4 MiB), or leave it unset.",
+        )
+    return int(text)
+
+
+def stream_fault() -> tuple[str, int] | None:
+    """Returns the test hook ``$PL_PRETRAIN_TEST_STREAM_FAULT`` as (what, chunk index), or None when unset."""
+    text = os.environ.get(ENV_TEST_STREAM_FAULT, "").strip()
+    what, _, index = text.partition(":")
+    if what not in ("flip", "exit", "stop") or not index.isdigit():
+        return None
+    return what, int(index)

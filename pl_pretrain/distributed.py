@@ -18,8 +18,14 @@ The protocol (docs/architecture.md, "The distributed protocol"), with `torch.dis
 A gloo group notices a peer process that dies (its sockets close), so a crashed fetcher ends the
 wait with an error too, instead of a hang.
 
-This module knows nothing about files, loadables or Lightning: what "the work" is, and how to tell
-whether two ranks share a folder, are given to it as callables.
+Nodes that do not see rank 0's folder, under ``per_node="auto"`` with a `Relay`, do not fetch: once
+rank 0's work is done, its output is streamed to the first rank of each such node
+(`pl_pretrain.stream`, a chain of those ranks on a short-timeout gloo group of their own), so the
+job reads from the source once.
+
+This module knows nothing about files, loadables or Lightning: what "the work" is, how to tell
+whether two ranks share a folder, and what the work's output is as bytes to stream (`Relay`) are
+given to it as callables.
 """
 
 from __future__ import annotations
@@ -29,9 +35,10 @@ import contextlib
 import datetime
 import logging
 import os
+import pathlib
 import socket
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -46,10 +53,12 @@ from pl_pretrain.errors import (
     root_cause_order,
 )
 from pl_pretrain.rendezvous import compare, default_timeout, exchange
+from pl_pretrain.stream import Receiver, stream_to_nodes
 
 __all__ = [
     "Topology",
     "SharedProbe",
+    "Relay",
     "topology",
     "is_distributed",
     "run_once",
@@ -64,6 +73,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+T_contra = TypeVar("T_contra", contravariant=True)
 
 DEFAULT_TIMEOUT = DEFAULT_COLLECT_TIMEOUT
 """How long ranks wait for the fetching rank (overridden by ``PL_PRETRAIN_COLLECT_TIMEOUT`` or per call)."""
@@ -92,6 +102,19 @@ class SharedProbe(Protocol):
 
     def clear(self, token: str) -> None:
         """Removes the mark `token`."""
+
+
+class Relay(Protocol[T_contra]):
+    """How the fetcher's output travels, as bytes, to nodes that do not see its folder."""
+
+    def outgoing(self, value: T_contra) -> Sequence[tuple[Any, pathlib.Path]]:
+        """On the fetching rank: (label, path) of every file to send (labels must pickle)."""
+
+    def receiver(self, value: T_contra) -> Receiver:
+        """On the first rank of a receiving node: where the files go."""
+
+    def received(self, value: T_contra) -> Any:
+        """On every rank of a receiving node, once the files arrived: the value to use there instead of `value`."""
 
 
 @dataclass(frozen=True)
@@ -307,6 +330,7 @@ def run_once(
     check: Callable[[T], bool] | None = None,
     timeout: datetime.timedelta | float | None = None,
     describe: Callable[[], Mapping[str, Any]] | None = None,
+    relay: Relay[T] | None = None,
 ) -> T:
     """Returns the value of `work`, run by the fetching rank(s) only, on every rank.
 
@@ -314,18 +338,20 @@ def run_once(
         work: what the fetching rank does (download, copy, link). Its value must pickle.
         per_node: False: global rank 0 works for the whole job. True: the first rank of each node
             works for its node. "auto": nodes that see `probe`'s mark from rank 0 share rank 0's
-            work; the others work for themselves.
+            work; the others get its output streamed by `relay` (or, without one, work for themselves).
         probe: how to tell whether a node shares rank 0's folder (only used with "auto").
         check: run by every rank on the value it received; a node where it returns False gets its
             own fetch (with "auto") or is an error (otherwise).
         timeout: how long to wait for the fetching rank(s); see `DEFAULT_TIMEOUT`.
+        relay: what rank 0's value is as files, and what a node that received them uses instead.
         describe: what this rank means to do, as field -> value (values compared with ``==``);
             run on every rank before anything else, and compared between ranks.
 
     Raises:
         PretrainerError: on every rank, when a rank did not arrive within the default process
             group's timeout (naming it), when `describe` failed or differs between ranks (a
-            `ConfigurationError` naming the rank and the field), or when any fetching rank failed.
+            `ConfigurationError` naming the rank and the field), when any fetching rank failed, or
+            when a rank of the stream failed, died or stopped (naming it).
     """
     if not is_distributed():
         collect_timeout(timeout)  # a bad value is an error with one process too
@@ -338,6 +364,9 @@ def run_once(
     group = _wait_group(bound, wait)
     rank = topo.rank
     fetch_for_node = _nodes_that_fetch(topo, per_node, probe, bound)
+    streamed = [False] * topo.num_nodes
+    if per_node == "auto" and relay is not None:
+        streamed, fetch_for_node = fetch_for_node, streamed
 
     def fetcher_of(r: int) -> int:
         node = topo.node_of[r]
@@ -345,6 +374,8 @@ def run_once(
 
     outcomes, _ = _round(work, rank, fetcher_of(rank) == rank, group)
     mine = outcomes[fetcher_of(rank)][1]
+    if relay is not None and any(streamed):
+        mine = _stream(relay, mine, topo, streamed, timeout)
 
     if check is None:
         return mine
@@ -382,6 +413,18 @@ def run_once(
             hint="Check that the collection folder is writable and readable on every node.",
         )
     return mine
+
+
+def _stream(relay: Relay[T], value: T, topo: Topology, streamed: list[bool], timeout: Any) -> T:
+    """Returns the value to use here once rank 0's files reached the first rank of every `streamed` node."""
+    chain = [0] + [topo.leader(node) for node in range(topo.num_nodes) if streamed[node]]
+    stream_to_nodes(
+        chain,
+        (lambda: relay.outgoing(value)) if topo.rank == 0 else None,
+        (lambda: relay.receiver(value)) if topo.rank in chain[1:] else None,
+        wait=collect_timeout(timeout),
+    )
+    return relay.received(value) if streamed[topo.node] else value
 
 
 def _safe_check(check: Callable[[Any], bool], value: Any) -> bool:

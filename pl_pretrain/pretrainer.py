@@ -9,6 +9,7 @@ name. What it adds: `collect_files(internal_ddp_handling=True)` runs the distrib
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -50,6 +51,7 @@ from pl_pretrain.fetching import (
     verify_sha256,
 )
 from pl_pretrain.identity import FileIdentity, FolderProbe, all_match, check_pinned
+from pl_pretrain.replication import CollectedFiles
 from pl_pretrain.transfer import (
     DEFAULT_LOAD_HOOKS,
     DEFAULT_TRANSFER_HOOKS,
@@ -258,9 +260,12 @@ class Pretrainer:
                 (``None``: ``SYMLINK``). SpeechBrain's `LocalStrategy` is accepted.
             fetch_config: see `FetchConfig` (``None``: the defaults). SpeechBrain's `FetchConfig`
                 is accepted and converted by value.
-            collect_per_node: ``False``: global rank 0 fetches for the job; ``True``: the first
-                rank of each node fetches for its node; ``"auto"``: per node only for nodes that do
-                not see the collection folder of rank 0.
+            collect_per_node: ``"auto"``: global rank 0 fetches once for the job, and streams
+                the files to the first rank of each node that does not see its collection folder
+                (over the process group; see docs/distributed.md); ``True``: the first rank of each
+                node fetches for its node; ``False``: rank 0 fetches, and a node that does not see
+                its folder is an error. With ``collect_in=None`` there is no folder to stream into,
+                and ``"auto"`` fetches once per node.
             timeout: how long ranks wait for the fetching rank (default 24 h; env
                 ``PL_PRETRAIN_COLLECT_TIMEOUT`` in seconds).
 
@@ -301,6 +306,7 @@ class Pretrainer:
                 check=lambda c: all(all_match(p) for p in c.pins.values()),
                 timeout=timeout,
                 describe=describe,
+                relay=_relay(self.collect_in),
             )
             self._synchronised = distributed.is_distributed()
         else:
@@ -672,6 +678,29 @@ def _show_source(source: Source, shown_query: tuple[str, ...] = ()) -> str:
     if fetch_from is FetchFrom.URI:
         return redact_url(text, shown_query)
     return text
+
+
+def _shard_folder_of(key: str) -> str:
+    return shard_folder_name(key + PARAMFILE_EXT)
+
+
+def _relay(collect_in: pathlib.Path | None) -> CollectedFiles | None:
+    """Returns how a collection travels to nodes that do not see `collect_in` (None: no folder to stream into)."""
+    if collect_in is None:
+        return None
+    return CollectedFiles(collect_in, _shard_folder_of, lambda c: c.files, _received_collection)
+
+
+def _received_collection(collection: _Collection, files: dict[str, Fetched]) -> _Collection:
+    # This node's copies are pinned by what this node sees of them (its own inodes and times).
+    pins: dict[str, dict[str, FileIdentity]] = {}
+    for key, fetched in files.items():
+        paths = [str(fetched.path)] + [p for p in collection.pins.get(key, {}) if p != str(collection.files[key].path)]
+        pins[key] = {}
+        for path in paths:
+            with contextlib.suppress(OSError):  # not on this node: the check of the collected files fails for it
+                pins[key][path] = FileIdentity.of(path, fetched.sha256 if path == str(fetched.path) else None)
+    return _Collection(collection.fetcher, files, pins)
 
 
 def _collect_arguments(

@@ -18,7 +18,7 @@ from pl_pretrain import ChecksumError, FetchConfig, LocalStrategy, Pretrainer, P
 def _outcome(rank: int, cell: dict[str, Any]) -> dict[str, Any]:
     if cell.get("late_rank") == rank:
         time.sleep(cell.get("delay", 2.0))
-    encoder = module(seed=1000 + rank)  # every rank starts from different weights
+    encoder = module(seed=1000 + rank, dim=cell.get("dim", 8))  # every rank starts from different weights
     loadables = {"encoder": encoder, **{key: module(seed=2000 + rank) for key in cell.get("extra_keys", ())}}
     pretrainer = Pretrainer(
         cell["collect_in"],
@@ -47,6 +47,7 @@ def _outcome(rank: int, cell: dict[str, Any]) -> dict[str, Any]:
             "value_error": isinstance(error, ValueError),
             "started": started,
             "raised_at": time.time(),
+            **_what_is_placed(cell),
         }
     return {
         "error": None,
@@ -54,6 +55,17 @@ def _outcome(rank: int, cell: dict[str, Any]) -> dict[str, Any]:
         "digest": digest(encoder),
         "started": started,
         "finished": time.time(),
+    }
+
+
+def _what_is_placed(cell: dict[str, Any]) -> dict[str, Any]:
+    """What this rank sees in the collection folder: the loadable's file, and temporary files."""
+    folder = cell.get("collect_in")
+    if folder is None:
+        return {}
+    return {
+        "placed": os.path.lexists(os.path.join(folder, "encoder.ckpt")),
+        "temporary": sorted(p for p in os.listdir(folder) if p.endswith(".tmp")) if os.path.isdir(folder) else [],
     }
 
 

@@ -37,10 +37,10 @@ class Sources:
         """The object store of `kind` ("s3", "gcs", "azure"), started on first use."""
         return self.request.getfixturevalue(kind)
 
-    def publish(self, kind: str, name: str) -> tuple[str, str]:
+    def publish(self, kind: str, name: str, dim: int = 8) -> tuple[str, str]:
         """Returns (source, expected digest) for a fresh checkpoint named after the cell."""
         self.seed += 1
-        mod = module(seed=self.seed)
+        mod = module(seed=self.seed, dim=dim)
         data = ckpt_bytes(mod)
         if kind == "local":
             folder = self.tmp_path / "sources" / name
@@ -248,7 +248,9 @@ def test_launcher_without_process_group_is_a_clear_error(tmp_path, monkeypatch):
 
 @needs_root
 @pytest.mark.parametrize("kind", ["url", "hub", "s3"])
-def test_nodes_that_do_not_share_the_folder_fetch_once_each(sources, tmp_path, http_server, hub, kind):
+def test_nodes_that_do_not_share_the_folder_fetch_once_per_job(sources, tmp_path, http_server, hub, kind):
+    # Two nodes, each with its own collection folder: rank 0 fetches once and streams the file to
+    # rank 2, the first rank of the other node (the default, collect_per_node="auto").
     source, expected = sources.publish(kind, f"pernode-{kind}")
     node_root = tmp_path / "node_local"
     cell = {"collect_in": str(node_root / "collect"), "source": source, "strategy": "SYMLINK"}
@@ -262,9 +264,95 @@ def test_nodes_that_do_not_share_the_folder_fetch_once_each(sources, tmp_path, h
     outcomes = [r[0] for r in assert_all_ok(results)]
     for rank, outcome in enumerate(outcomes):
         assert outcome["error"] is None, f"rank {rank}: {outcome['text']}"
-        assert outcome["digest"] == expected
-    assert sources.gets(kind, f"pernode-{kind}") == 2  # one per node
+        assert outcome["digest"] == expected, f"rank {rank} loaded other weights"
+        assert outcome["paths"] == outcomes[0]["paths"]
+    assert sources.gets(kind, f"pernode-{kind}") == 1  # one per job, whatever the number of nodes
     assert not (node_root / "collect" / "encoder.ckpt").exists()  # nothing leaked onto the real disk
+
+
+@needs_root
+def test_three_nodes_without_a_shared_folder_fetch_once(sources, tmp_path, http_server, hub):
+    # Three nodes in a chain 0 -> 1 -> 2; a checkpoint of several chunks (64 KiB each here).
+    source, expected = sources.publish("url", "three-nodes", dim=256)
+    node_root = tmp_path / "node_local"
+    cell = {"collect_in": str(node_root / "collect"), "source": source, "strategy": "COPY", "dim": 256}
+    results = run_ranks(
+        rank_jobs.collect_cells,
+        3,
+        args=([cell],),
+        nodes=3,
+        private=[str(node_root)],
+        env={"PL_PRETRAIN_STREAM_CHUNK": str(64 * 1024)},
+        timeout=180,
+    )
+    outcomes = [r[0] for r in assert_all_ok(results)]
+    assert [o["error"] for o in outcomes] == [None, None, None], [o.get("text") for o in outcomes]
+    assert {o["digest"] for o in outcomes} == {expected}
+    assert sources.gets("url", "three-nodes") == 1
+
+
+@needs_root
+def test_per_node_true_on_unshared_folders_fetches_once_per_node(sources, tmp_path, http_server, hub):
+    # For sites where every node is near the source: each node's first rank fetches for its node.
+    source, expected = sources.publish("url", "pernode-true")
+    node_root = tmp_path / "node_local"
+    cell = {"collect_in": str(node_root / "collect"), "source": source, "per_node": True}
+    results = run_ranks(rank_jobs.collect_cells, 4, args=([cell],), nodes=2, private=[str(node_root)], timeout=180)
+    outcomes = [r[0] for r in assert_all_ok(results)]
+    assert all(o["error"] is None and o["digest"] == expected for o in outcomes), outcomes
+    assert sources.gets("url", "pernode-true") == 2
+
+
+def _stream_fault(sources, tmp_path, name, fault_rank, fault):
+    """Runs 2 nodes x 2 ranks on private folders with the stream fault `fault` on `fault_rank`."""
+    source, _ = sources.publish("url", name, dim=256)
+    node_root = tmp_path / "node_local"
+    cell = {"collect_in": str(node_root / "collect"), "source": source, "strategy": "COPY", "dim": 256}
+    results = run_ranks(
+        rank_jobs.collect_cells,
+        4,
+        args=([cell],),
+        nodes=2,
+        private=[str(node_root)],
+        env={"PL_PRETRAIN_STREAM_CHUNK": str(64 * 1024), "PL_PRETRAIN_STREAM_TIMEOUT": "5"},
+        rank_env=lambda rank: {"PL_PRETRAIN_TEST_STREAM_FAULT": fault} if rank == fault_rank else {},
+        timeout=120,
+        check=False,
+    )
+    assert sources.gets("url", name) == 1
+    return {r.rank: r.value[0] for r in results if r.ok}
+
+
+@needs_root
+@pytest.mark.parametrize("dying_rank", [2, 0], ids=["receiver", "sender"])
+def test_a_rank_killed_mid_stream_ends_every_rank_naming_it(sources, tmp_path, http_server, hub, dying_rank):
+    outcomes = _stream_fault(sources, tmp_path, f"killed-{dying_rank}", dying_rank, "exit:2")
+    assert sorted(outcomes) == sorted({0, 1, 2, 3} - {dying_rank})  # the dead rank never reported
+    texts = {o["text"] for o in outcomes.values()}
+    assert len(texts) == 1, texts
+    for rank, outcome in outcomes.items():
+        assert outcome["error"] == "PretrainerError", (rank, outcome)
+        assert outcome["rank_in_error"] == dying_rank
+        assert f"Rank {dying_rank} died or stopped while the collected files were streamed" in outcome["text"]
+    # Rank 3 shares node 1's folder: nothing was placed there, and no live writer left a temporary file.
+    assert outcomes[3]["placed"] is False
+    if dying_rank == 0:
+        assert outcomes[3]["temporary"] == []
+    spread = max(o["raised_at"] for o in outcomes.values()) - min(o["raised_at"] for o in outcomes.values())
+    assert spread < 15, f"the error reached the last rank {spread:.1f} s after the first"
+
+
+@needs_root
+def test_a_byte_flipped_in_transit_is_a_checksum_error_everywhere(sources, tmp_path, http_server, hub):
+    outcomes = _stream_fault(sources, tmp_path, "flipped", 0, "flip:1")
+    assert sorted(outcomes) == [0, 1, 2, 3]
+    assert len({o["text"] for o in outcomes.values()}) == 1
+    for outcome in outcomes.values():
+        assert outcome["error"] == "ChecksumError"
+        assert outcome["value_error"] and outcome["key"] == "encoder" and outcome["rank_in_error"] == 2
+        assert "corrupted on the way; nothing was placed" in outcome["text"]
+    assert outcomes[3]["placed"] is False and outcomes[3]["temporary"] == []
+    assert outcomes[1]["placed"] is True  # the fetcher's own copy is intact
 
 
 @needs_root

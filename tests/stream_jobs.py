@@ -1,0 +1,90 @@
+"""What each rank runs in the stream tests (module level, so spawn can import it).
+
+Every rank of the chain is a "node" of its own: the sender streams files from its folder, each
+receiver places them in a folder of its own through the real `Arrival` (temporary file, checks,
+fsync, rename, record). Every rank returns what it holds, or the error it raised.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import pathlib
+import time
+from typing import Any
+
+from pl_pretrain import PretrainerError
+from pl_pretrain.fetching import Fetched, FetchFrom
+from pl_pretrain.fetching.arrival import Arrival, holds
+
+
+def _memory_kib() -> tuple[int, int]:
+    """(current RSS, peak RSS) of this process in KiB."""
+    fields = dict(
+        line.split(":", 1) for line in pathlib.Path("/proc/self/status").read_text().splitlines() if ":" in line
+    )
+    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+
+
+class FolderReceiver:
+    def __init__(self, folder: pathlib.Path) -> None:
+        self.folder = folder
+
+    def wants(self, label: Any, size: int) -> bool:
+        return not holds(self.folder, label["name"], _like(label, size))
+
+    def open(self, label: Any, size: int) -> Arrival:
+        return Arrival(self.folder, label["name"], _like(label, size), size)
+
+
+def _like(label: dict[str, Any], size: int) -> Fetched:
+    return Fetched(
+        pathlib.Path(label["name"]),
+        FetchFrom.URI,
+        "http://origin",
+        label["name"],
+        "http://origin/" + label["name"],
+        sha256=label.get("sha256"),
+        size=size,
+    )
+
+
+def stream_files(rank: int, root: str, names: list[str], chain: list[int], chunk: int) -> dict[str, Any]:
+    """Rank chain[0] sends root/sender/<name>; the other ranks of the chain receive into root/rank<r>/."""
+    from pl_pretrain import stream
+
+    sender = pathlib.Path(root) / "sender"
+    mine = pathlib.Path(root) / f"rank{rank}"
+    items = lambda: [({"name": n}, sender / n) for n in names]  # noqa: E731
+    base, _ = _memory_kib()
+    started = time.time()
+    try:
+        stream.stream_to_nodes(
+            chain,
+            items if rank == chain[0] else None,
+            (lambda: FolderReceiver(mine)) if rank in chain[1:] else None,
+            wait=datetime.timedelta(seconds=120),
+            chunk_size=chunk,
+        )
+    except PretrainerError as error:
+        return {
+            "error": type(error).__name__,
+            "text": str(error),
+            "rank_in_error": error.rank,
+            "raised_at": time.time(),
+            "started": started,
+        }
+    finished = time.time()
+    _, peak = _memory_kib()
+    held = {}
+    if rank in chain[1:]:
+        for n in names:
+            held[n] = hashlib.sha256((mine / n).read_bytes()).hexdigest() if (mine / n).exists() else None
+    return {
+        "error": None,
+        "held": held,
+        "started": started,
+        "finished": finished,
+        "peak_growth_kib": peak - base,
+        "leftovers": sorted(p.name for p in mine.glob(".*.tmp")) if mine.exists() else [],
+    }
