@@ -78,8 +78,9 @@ class PretrainerCallback(Callback):
             policy, strictness, safe loading.
         local_strategy: how files are placed in `collect_in` (`LocalStrategy`).
         fetch_config: `FetchConfig` (revision, token, offline, retries...).
-        collect_per_node: ``False`` one fetch per job, ``True`` one per node, ``"auto"`` per node
-            only where the collection folder is not shared.
+        collect_per_node: ``"auto"`` one fetch per job, streamed to nodes that do not share the
+            collection folder; ``True`` one fetch per node; ``False`` one per job, an error where
+            the folder is not shared (see docs/distributed.md).
         stages: the Trainer entry points that may load (``"fit"``, ``"validate"``, ``"test"``,
             ``"predict"``). A module is loaded at most once: ``test`` after ``fit`` keeps the
             fine-tuned weights; ``test`` on a fresh module loads.

@@ -87,7 +87,7 @@ def as_per_node(value: object) -> PerNode:
         return value
     raise ConfigurationError(
         f"collect_per_node={value!r} must be True, False or 'auto'.",
-        hint="'auto' fetches once per job when the collection folder is shared, once per node otherwise.",
+        hint="'auto' fetches once per job (streaming to nodes that do not share the folder); True once per node.",
     )
 
 

@@ -359,9 +359,24 @@ def _fail_fast_exchange(value: Any, wait: datetime.timedelta, grace: datetime.ti
     world = dist.group.WORLD
     number = _ROUNDS.get(world, 0) + 1
     _ROUNDS[world] = number
-    store = dist.distributed_c10d._get_default_store()
     size, rank = dist.get_world_size(), dist.get_rank()
     keys = [f"pl_pretrain/stream/{number}/{r}" for r in range(size)]
+    try:
+        return _collect(keys, rank, value, wait, grace)
+    except PretrainerError:
+        raise
+    except Exception as error:  # the store went away with the process that held it
+        raise PretrainerError(
+            "Lost contact with the job's store while the collected files were streamed to the other nodes: "
+            "the process holding it (rank 0 when ranks are started by hand, else the launcher) is gone.",
+            rank=dist.get_rank(),
+            hint="Rank 0 probably died (killed, out of memory); its own log says why.",
+        ) from error
+
+
+def _collect(keys: list[str], rank: int, value: Any, wait: datetime.timedelta, grace: datetime.timedelta) -> list[Any]:
+    store = dist.distributed_c10d._get_default_store()
+    size = len(keys)
     store.set(keys[rank], cast(Any, pickle.dumps(value)))  # the store takes bytes too
     seen: dict[int, Any] = {}
     deadline = time.monotonic() + wait.total_seconds()

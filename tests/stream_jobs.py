@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import os
 import pathlib
+import subprocess
 import time
 from typing import Any
 
@@ -49,13 +51,26 @@ def _like(label: dict[str, Any], size: int) -> Fetched:
     )
 
 
-def stream_files(rank: int, root: str, names: list[str], chain: list[int], chunk: int) -> dict[str, Any]:
-    """Rank chain[0] sends root/sender/<name>; the other ranks of the chain receive into root/rank<r>/."""
+def stream_files(
+    rank: int, root: str, names: list[str], chain: list[int], chunk: int, known_sha256: bool = False
+) -> dict[str, Any]:
+    """Rank chain[0] sends root/sender/<name>; the other ranks of the chain receive into root/rank<r>/.
+
+    With `known_sha256` the sender announces each file's sha256, so a receiver that holds it already skips it.
+    """
     from pl_pretrain import stream
+    from pl_pretrain.fetching import file_sha256
 
     sender = pathlib.Path(root) / "sender"
     mine = pathlib.Path(root) / f"rank{rank}"
-    items = lambda: [({"name": n}, sender / n) for n in names]  # noqa: E731
+
+    def items() -> list[tuple[dict[str, Any], pathlib.Path]]:
+        return [({"name": n, "sha256": file_sha256(sender / n) if known_sha256 else None}, sender / n) for n in names]
+
+    if os.environ.get("PL_PRETRAIN_TEST_STREAM_FAULT", "").startswith("stop:"):
+        # This rank will stop itself (SIGSTOP) mid-stream; something outside it must wake it later,
+        # so that the run ends without waiting for the harness to kill it.
+        subprocess.Popen(["sh", "-c", f"sleep 25; kill -CONT {os.getpid()}"])
     base, _ = _memory_kib()
     started = time.time()
     try:
@@ -76,13 +91,15 @@ def stream_files(rank: int, root: str, names: list[str], chain: list[int], chunk
         }
     finished = time.time()
     _, peak = _memory_kib()
-    held = {}
+    held, inodes = {}, {}
     if rank in chain[1:]:
         for n in names:
             held[n] = hashlib.sha256((mine / n).read_bytes()).hexdigest() if (mine / n).exists() else None
+            inodes[n] = (mine / n).stat().st_ino if (mine / n).exists() else None
     return {
         "error": None,
         "held": held,
+        "inodes": inodes,
         "started": started,
         "finished": finished,
         "peak_growth_kib": peak - base,

@@ -21,10 +21,11 @@ from pl_pretrain.fetching.records import (
     _begin_placing,
     _fetched_from_record,
     _finish_placing,
+    _fsync_dir,
     _identity,
     _read_record,
     _record_of,
-    _size_of,
+    _unchanged,
 )
 from pl_pretrain.fetching.sources import Fetched, LocalStrategy
 
@@ -47,7 +48,8 @@ def holds(savedir: pathlib.Path, save_filename: str, like: Fetched) -> bool:
     return (
         all(record.get(k) == v for k, v in identity.items())
         and record.get("sha256") == like.sha256
-        and record.get("size") == like.size == _size_of(savedir / save_filename)
+        and record.get("size") == like.size
+        and _unchanged(record, savedir / save_filename)
     )
 
 
@@ -125,6 +127,7 @@ class Arrival:
                     f"Could not move the received file into place at '{self.destination}': {error}",
                     source=self.like.source,
                 ) from error
+            _fsync_dir(self.savedir)
             _finish_placing(self.savedir, self.save_filename, _record_of(placed, identity, _STRATEGY), self.like.source)
             return placed
         finally:

@@ -1,0 +1,71 @@
+"""Streams between nodes on real gloo ranks: every receiver gets the sender's bytes, in bounded memory,
+and a receiver that stops is noticed within the stream's short timeout.
+
+Each rank of the chain stands for a node with a folder of its own (no mount namespaces needed
+here); the end-to-end tests through `Pretrainer.collect_files` on private folders are in
+test_distributed.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+import stream_jobs
+from dist import assert_all_ok, run_ranks
+
+pytestmark = pytest.mark.slow
+
+MiB = 1024 * 1024
+
+
+def _publish(tmp_path, files: dict[str, bytes]) -> dict[str, str]:
+    (tmp_path / "sender").mkdir()
+    for name, data in files.items():
+        (tmp_path / "sender" / name).write_bytes(data)
+    return {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+
+
+def test_three_nodes_get_the_senders_bytes_in_two_chunks_of_memory(tmp_path):
+    # 24 MiB + 1 byte in 1 MiB chunks (the last one short), and an empty file.
+    digests = _publish(tmp_path, {"weights.bin": os.urandom(24 * MiB + 1), "empty.bin": b""})
+    results = run_ranks(stream_jobs.stream_files, 3, args=(str(tmp_path), list(digests), [0, 1, 2], MiB), timeout=120)
+    outcomes = assert_all_ok(results)
+    for rank in (1, 2):
+        assert outcomes[rank]["error"] is None, outcomes[rank]
+        assert outcomes[rank]["held"] == digests, f"rank {rank} holds other bytes"
+        assert outcomes[rank]["leftovers"] == []
+        assert (tmp_path / f"rank{rank}" / ".pl_pretrain" / "weights.bin.json").is_file()  # recorded like a fetch
+    for rank, outcome in enumerate(outcomes):
+        # Two chunks in flight, plus what Python and gloo need for a 24 MiB file: far below its size.
+        assert outcome["peak_growth_kib"] <= (2 * MiB + 8 * MiB) // 1024, (rank, outcome["peak_growth_kib"])
+
+
+def test_a_file_a_node_already_holds_is_not_written_again(tmp_path):
+    digests = _publish(tmp_path, {"weights.bin": os.urandom(3 * MiB)})
+    args = (str(tmp_path), list(digests), [0, 1], MiB, True)
+    first = assert_all_ok(run_ranks(stream_jobs.stream_files, 2, args=args, timeout=120))
+    second = assert_all_ok(run_ranks(stream_jobs.stream_files, 2, args=args, timeout=120))
+    assert first[1]["held"] == second[1]["held"] == digests
+    assert second[1]["inodes"] == first[1]["inodes"]  # the same file, not a fresh copy
+
+
+def test_a_stopped_receiver_is_noticed_within_the_stream_timeout(tmp_path):
+    # Rank 1 stops (SIGSTOP) at its third chunk, for 25 s: it is alive, so only the short timeout can tell.
+    digests = _publish(tmp_path, {"weights.bin": os.urandom(8 * MiB)})
+    results = run_ranks(
+        stream_jobs.stream_files,
+        3,
+        args=(str(tmp_path), list(digests), [0, 1, 2], MiB),
+        env={"PL_PRETRAIN_STREAM_TIMEOUT": "3"},
+        rank_env=lambda rank: {"PL_PRETRAIN_TEST_STREAM_FAULT": "stop:2"} if rank == 1 else {},
+        timeout=150,
+    )
+    for rank in (0, 2):
+        outcome = results[rank].value
+        assert outcome["error"] == "PretrainerError", outcome
+        assert outcome["rank_in_error"] == 1
+        assert "Rank 1 died or stopped while the collected files were streamed" in outcome["text"]
+        assert outcome["raised_at"] - outcome["started"] < 15, "the stopped peer was not noticed within the bound"
+    assert not (tmp_path / "rank2" / "weights.bin").exists()
