@@ -12,6 +12,7 @@ import hashlib
 import os
 import pathlib
 import re
+from typing import Any
 
 from pl_pretrain.errors import ChecksumError, ConfigurationError
 from pl_pretrain.fetching.records import _remove_record
@@ -19,17 +20,25 @@ from pl_pretrain.fetching.sources import Fetched, FetchFrom
 
 __all__ = ["file_sha256", "parse_checksum", "verify_sha256", "discard_unreadable"]
 
-_CHUNK = 8 * 1024 * 1024
+# One small buffer, reused: sha256 runs no faster with bigger reads, and hashing a 10 GB file must not
+# add more than this to the memory of a collection (the stream between nodes counts on it).
+_HASH_CHUNK = 1024 * 1024
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def file_sha256(path: str | os.PathLike) -> str:
     """Returns the hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return _digest_of(path, hashlib.sha256())
+
+
+def _digest_of(path: str | os.PathLike, digest: Any) -> str:
+    """Returns the hex digest of `digest` after it has been fed the file's bytes, through one reused buffer."""
+    buffer = bytearray(_HASH_CHUNK)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            digest.update(view[:n])
+    return str(digest.hexdigest())
 
 
 def parse_checksum(checksum: str, *, key: str | None = None) -> str:
@@ -134,11 +143,7 @@ def _matches_its_etag(blob: pathlib.Path, sha256: str | None) -> bool:
     if _is_sha256(blob.name):
         return (sha256 or file_sha256(blob)) == blob.name
     if re.fullmatch(r"[0-9a-f]{40}", blob.name):
-        digest = hashlib.sha1(f"blob {blob.stat().st_size}\0".encode())
-        with open(blob, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                digest.update(chunk)
-        return digest.hexdigest() == blob.name
+        return _digest_of(blob, hashlib.sha1(f"blob {blob.stat().st_size}\0".encode())) == blob.name
     return False
 
 
