@@ -146,6 +146,9 @@ def download(
                 raise _Transient(f"timed out: no answer for {config.timeout:g} s (FetchConfig(timeout=...))") from None
             raise _Transient(_scrub(f"{type(error).__name__}: {reason}", list(secrets))) from None
         except OSError as error:
+            # A local write failed (a full disk, a quota): the partial gives its space back, and a
+            # file whose last write failed is not one to continue.
+            partial.discard()
             raise FetchError(f"Could not write '{partial.path}': {error}", source=source) from error
 
     def out_of_time(received: int) -> FetchError:
