@@ -11,7 +11,8 @@ The protocol (docs/architecture.md, "The distributed protocol"), with `torch.dis
    runs the work inside ``try``; nobody else runs it.
 3. Every rank then joins one ``all_gather_object`` on a gloo group whose timeout is long (hours,
    not the process group's 30 minutes): that is the barrier, and it carries each fetcher's outcome,
-   a value or an error record. It is the only long wait; every other exchange is bounded.
+   a value or an error record. It is the only long wait (`pl_pretrain.liveness` ends it, and the
+   fetch, when a rank falls silent); every other exchange is bounded.
 4. If any fetcher failed, every rank raises the same `PretrainerError` at once, with the root
    cause and the other ranks' causes; otherwise every rank takes the value of its own fetcher.
 
@@ -52,6 +53,7 @@ from pl_pretrain.errors import (
     record_for,
     root_cause_order,
 )
+from pl_pretrain.liveness import Watch
 from pl_pretrain.rendezvous import compare, default_timeout, exchange
 from pl_pretrain.stream import Receiver, stream_to_nodes
 
@@ -251,15 +253,15 @@ def close() -> None:
 atexit.register(close)
 
 
-def _gather(value: Any, group: Any, what: str) -> list[Any]:
+def _gather(value: Any, group: Any, what: str, watch: Watch | None = None) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
-    with _lost_contact(what):
+    with _lost_contact(what, watch):
         dist.all_gather_object(out, value, group=group)
     return out
 
 
 @contextlib.contextmanager
-def _lost_contact(what: str) -> Iterator[None]:
+def _lost_contact(what: str, watch: Watch | None = None) -> Iterator[None]:
     """Turns a collective that broke (a peer died, a timeout) into one clear PretrainerError."""
     try:
         yield
@@ -273,9 +275,12 @@ def _lost_contact(what: str) -> Iterator[None]:
             if "timeout" in raw.lower() or "timed out" in raw.lower()
             else "a peer closed its connection"
         )
+        lost = watch.verdict() if watch is not None else []
+        if lost:
+            why += f" (rank{'s' if len(lost) > 1 else ''} {', '.join(map(str, lost))} died or stopped)"
         raise PretrainerError(
             f"Lost contact with the other ranks while waiting for {what}: {why}.",
-            rank=global_rank(),
+            rank=lost[0] if lost else global_rank(),
             hint="Another rank probably crashed (killed, out of memory); its own log says why.",
         ) from error
 
@@ -295,9 +300,14 @@ def _round(
     Each outcome is ``None`` for a rank that did not run, else ``(state, value)``; with
     `share_value` False only errors travel (the value stays on its rank).
     """
-    state, value, local_error = _attempt(work, rank) if runs else ("idle", None, None)
-    shared = (state, value if share_value or state == "error" else None) if runs else None
-    outcomes = _gather(shared, group, what)
+    # While the work runs (a download may take hours), every rank shows signs of life, and a rank
+    # that works stops when a peer falls silent instead of learning of it at the gather.
+    with Watch(default_timeout(), working=runs) as watch:
+        state, value, local_error = _attempt(lambda: watch.run(work), rank) if runs else ("idle", None, None)
+        if watch.lost and local_error is not None:
+            raise local_error  # no gather can complete without the lost rank; the others learn of it from the store
+        shared = (state, value if share_value or state == "error" else None) if runs else None
+        outcomes = _gather(shared, group, what, watch)
     _raise_first_error(outcomes, local_error)
     return outcomes, value
 

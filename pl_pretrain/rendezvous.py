@@ -18,14 +18,15 @@ import torch.distributed as dist
 
 from pl_pretrain.errors import ConfigurationError, PretrainerError
 
-__all__ = ["exchange", "default_timeout", "compare"]
+__all__ = ["exchange", "default_timeout", "compare", "store"]
 
 
 # Exchanges are numbered per default process group; every rank makes them in the same order.
 _ROUNDS: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 
 
-def _store() -> Any:
+def store() -> Any:
+    """Returns the job's store (the default process group's)."""
     # The store every launcher already set up (torchrun's agent, env://, file://, Lightning's):
     # unlike a collective, a wait on it has a timeout of our choosing and can say who never posted.
     return dist.distributed_c10d._get_default_store()
@@ -34,7 +35,7 @@ def _store() -> Any:
 def default_timeout() -> datetime.timedelta:
     """Returns the default process group's timeout: the most any exchange but the wait for a fetch may take."""
     try:
-        bound = _store().timeout
+        bound = store().timeout
     except Exception:  # a store without a timeout (MPI): torch's own default
         return dist.default_pg_timeout
     return bound if isinstance(bound, datetime.timedelta) and bound.total_seconds() > 0 else dist.default_pg_timeout
@@ -47,14 +48,14 @@ def exchange(value: Any, what: str, bound: datetime.timedelta) -> list[Any]:
     _ROUNDS[world] = number
     rank, size = dist.get_rank(), dist.get_world_size()
     keys = [f"pl_pretrain/{number}/{r}" for r in range(size)]
-    store = None
+    held = None
     try:
-        store = _store()
-        store.set(keys[rank], pickle.dumps(value))
-        store.wait(keys, bound)
-        return [pickle.loads(store.get(key)) for key in keys]
+        held = store()
+        held.set(keys[rank], pickle.dumps(value))
+        held.wait(keys, bound)
+        return [pickle.loads(held.get(key)) for key in keys]
     except Exception as error:  # a timeout, or a store that is gone with the process holding it
-        raise _missing_ranks(store, keys, what, bound) from error
+        raise _missing_ranks(held, keys, what, bound) from error
 
 
 def _missing_ranks(store: Any, keys: list[str], what: str, bound: datetime.timedelta) -> PretrainerError:

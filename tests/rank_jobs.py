@@ -138,6 +138,18 @@ def collect_unless_absent(rank: int, cell: dict[str, Any], absent: dict[int, str
     return _outcome(rank, cell)
 
 
+def collect_while_a_waiting_rank_is_killed(
+    rank: int, cell: dict[str, Any], victim: int, after_s: float
+) -> dict[str, Any]:
+    """Every rank collects; rank `victim` (waiting, not fetching) is killed -9 `after_s` seconds into the collection."""
+    import signal
+    import threading
+
+    if rank == victim:
+        threading.Timer(after_s, os.kill, args=(os.getpid(), signal.SIGKILL)).start()
+    return {**_outcome(rank, cell), "victim_killed_after": after_s}
+
+
 def collect_drifting(rank: int, cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Runs each cell, with the cell's ``drift[rank]`` (if any) merged over it on this rank only."""
     outcomes = []

@@ -24,6 +24,7 @@ import rank_jobs
 from dist import assert_all_ok, run_ranks
 from helpers import ckpt_bytes, digest, module
 from lightning_models import encoder
+from servers import Fault
 
 from pl_pretrain import ConfigurationError, Pretrainer
 
@@ -442,3 +443,40 @@ def test_per_node_false_on_unshared_folders_never_loads_a_stale_same_size_file(t
     for rank, outcome in enumerate(outcomes):
         assert outcome["error"] == "PretrainerError", f"rank {rank} loaded: {outcome}"
         assert "Rank 2 cannot read the files that rank 0 collected" in outcome["text"]
+
+
+# ------------------------------------------------------------------------------------------
+# A waiting rank lost while the fetching rank downloads
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_waiting_rank_killed_mid_download_stops_the_download_and_ends_every_rank(tmp_path, http_server):
+    # The download would take about 60 s; rank 2, which only waits, is killed -9 after 3 s.
+    data = ckpt_bytes(module(seed=71))
+    http_server.add("slow/encoder.ckpt", data)
+    http_server.fail("slow/encoder.ckpt", Fault("slow", times=-1, delay=60.0 / (len(data) // 64 + 1), chunk=64))
+    cell = {"collect_in": str(tmp_path / "c"), "source": f"{http_server.url}/slow", "strategy": "COPY"}
+    results = run_ranks(
+        rank_jobs.collect_while_a_waiting_rank_is_killed,
+        3,
+        args=(cell, 2, 3.0),
+        pg_timeout_s=PG_TIMEOUT_S,
+        timeout=150,
+        check=False,
+    )
+    assert not results[2].ok  # killed, never reported
+    for rank in (0, 1):
+        assert results[rank].ok, f"rank {rank} did not end: {results[rank].error_type} {results[rank].error_text}"
+        outcome = results[rank].value
+        waited = outcome["raised_at"] - outcome["started"]
+        print(f"[rank 2 killed mid-download] rank {rank} raised after {waited:.1f} s: {outcome['text'][:160]}")
+        assert outcome["error"] == "PretrainerError", outcome
+        assert "Rank 2 died or stopped" in outcome["text"] or "rank 2 died or stopped" in outcome["text"], outcome
+        assert outcome["rank_in_error"] == 2, outcome
+        # Noticed within the default group's timeout of the death, long before the download's end.
+        assert waited < 3.0 + PG_TIMEOUT_S + SLACK_S, outcome
+        assert not outcome["placed"] and outcome["temporary"] == [], outcome
+    assert "Rank 2 died or stopped during the fetch" in results[0].value["text"]
+    assert http_server.count("GET") == 1
+    assert not (tmp_path / "c" / "encoder.ckpt").exists()
