@@ -2,7 +2,8 @@
 
 Each real server runs once per test session on 127.0.0.1, behind a `Proxy` (also on 127.0.0.1)
 that counts every request it forwards and can misbehave on purpose, as the servers in
-tests/servers.py do: answer a status first (503 SlowDown), cut a body half-way, send slowly.
+tests/servers.py do: answer a status first (503 SlowDown; with ``echo_authorization``, quoting the
+request's credentials in the error, as some gateways do), cut a body half-way, send slowly.
 Clients (pl_pretrain, and every rank the harness spawns) reach the proxy through each
 ecosystem's standard environment (`Store.env`); the tests' own uploads go to the server directly,
 so the proxy's log holds only what the code under test asked for.
@@ -54,6 +55,7 @@ AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1
 
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade", "te", "trailer"}
 _PIECE = 1024 * 1024
+_TOKEN_HEADER = "X-Amz-Security-Token"  # where an S3 client sends AWS_SESSION_TOKEN
 
 
 def _absent(what: str) -> None:
@@ -198,6 +200,9 @@ class Proxy:
             with self._lock:
                 self.requests.append(entry)  # logged before answering, as tests/servers.py does
             content_type, payload = self.error_body(fault.status)
+            if fault.echo_authorization:  # a gateway that quotes the request's credentials in its error
+                said = f" (Authorization: {h.headers.get('Authorization')}; token: {h.headers.get(_TOKEN_HEADER)})"
+                payload = payload.replace(b"</Message>", said.encode() + b"</Message>")
             h.send_response(fault.status)
             h.send_header("Content-Type", content_type)
             h.send_header("Content-Length", str(len(payload)))
@@ -377,6 +382,24 @@ def start_s3() -> Store:
         proxy.stop()
         server.stop()
 
+    def temporary_credentials() -> dict[str, str]:
+        """Returns the environment of a role's temporary credentials (with AWS_SESSION_TOKEN), as on EC2 or SSO."""
+        signed = {"endpoint_url": direct, "aws_access_key_id": access, "aws_secret_access_key": secret}
+        iam = boto3.client("iam", region_name="us-east-1", **signed)
+        if not any(role["RoleName"] == "reader-role" for role in iam.list_roles()["Roles"]):
+            trust = {"Effect": "Allow", "Principal": {"AWS": "*"}, "Action": "sts:AssumeRole"}
+            document = json.dumps({"Version": "2012-10-17", "Statement": [trust]})
+            iam.create_role(RoleName="reader-role", AssumeRolePolicyDocument=document)
+            iam.put_role_policy(RoleName="reader-role", PolicyName="all", PolicyDocument=json.dumps(policy))
+        arn = iam.get_role(RoleName="reader-role")["Role"]["Arn"]
+        sts = boto3.client("sts", region_name="us-east-1", **signed)
+        given = sts.assume_role(RoleArn=arn, RoleSessionName="reader")["Credentials"]
+        return {
+            "AWS_ACCESS_KEY_ID": given["AccessKeyId"],
+            "AWS_SECRET_ACCESS_KEY": given["SecretAccessKey"],
+            "AWS_SESSION_TOKEN": given["SessionToken"],
+        }
+
     return Store(
         "s3",
         proxy,
@@ -387,7 +410,13 @@ def start_s3() -> Store:
         bad_credentials={"key": access, "secret": "WRONG" + secret[5:]},
         bad_env={"AWS_SECRET_ACCESS_KEY": "WRONG" + secret[5:]},
         stop=stop,
-        extra={"client": client, "direct": direct, "access": access, "secret": secret},
+        extra={
+            "client": client,
+            "direct": direct,
+            "access": access,
+            "secret": secret,
+            "temporary_credentials": temporary_credentials,
+        },
     )
 
 

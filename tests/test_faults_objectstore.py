@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import traceback
 
 import pytest
 from helpers import ckpt_bytes, digest, module
@@ -165,3 +166,40 @@ def test_object_store_credentials_are_never_shown(tmp_path, request, monkeypatch
         pieces = [secret, *(p for p in secret.split(";") if "AccountKey=" in p)]
         for piece in pieces:
             assert piece not in text, [line for line in text.splitlines() if piece in line][:3]  # ...without secrets
+
+
+def _held(error: BaseException) -> list[BaseException]:
+    """Returns `error` and every exception it holds: causes and contexts, suppressed ones too (an error
+    reporter, a debugger or an `except` block that looks at ``__context__`` reaches those)."""
+    held: list[BaseException] = []
+    todo: list[BaseException | None] = [error]
+    while todo:
+        current = todo.pop()
+        if current is not None and all(current is not seen for seen in held):
+            held.append(current)
+            todo += [current.__cause__, current.__context__]
+    return held
+
+
+@pytest.mark.parametrize("status", [400, 503], ids=["400-reported", "503-retried"])
+def test_a_token_the_server_echoes_is_in_no_exception_the_error_holds(tmp_path, s3, weights, monkeypatch, status):
+    # A role's temporary credentials from the standard environment, and a gateway that quotes the
+    # request's session token in its error body: botocore and s3fs put that body in their exceptions.
+    credentials = s3.extra["temporary_credentials"]()
+    for name, value in credentials.items():
+        monkeypatch.setenv(name, value)
+    url = s3.put("echo/encoder.ckpt", weights[0])
+    s3.proxy.fail("echo/encoder.ckpt", Fault("status", times=-1, status=status, echo_authorization=True))
+    with pytest.raises(FetchError) as info:
+        collect(tmp_path / "c", url, retries=1, backoff=0.01)
+    printed = "".join(traceback.format_exception(info.value))
+    assert "echo/encoder.ckpt" in printed and "token: ***" in printed  # the server's words are shown, masked
+    held = _held(info.value)
+    assert len(held) >= 2  # the backend's error is there, as a scrubbed cause
+    for secret in (credentials["AWS_SESSION_TOKEN"], credentials["AWS_SECRET_ACCESS_KEY"]):
+        for error in held:
+            text = "".join(traceback.format_exception(error))
+            assert secret not in text, (
+                type(error).__name__,
+                [line for line in text.splitlines() if secret in line][:2],
+            )

@@ -19,7 +19,8 @@ What is ours, as for every kind:
 - faults: 5xx, 408, 429, a dropped connection or a short body are retried within
   ``FetchConfig.retries`` (the S3 and Azure clients' own retries are turned off for that; gcsfs
   keeps its own); 404 and 403 are reported after one request, the latter with what to check;
-- no key, secret, token or connection string appears in an error, a log line or a record.
+- no key, secret, token or connection string appears in an error (nor in any exception it holds),
+  a log line or a record.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from pl_pretrain.fetching.records import (
     _same,
     _size_of,
 )
-from pl_pretrain.fetching.redaction import _option_secrets, _scrub, redact_url
+from pl_pretrain.fetching.redaction import _option_secrets, _scrub, redact_url, scrubbed_chain
 from pl_pretrain.fetching.sources import FetchConfig, Fetched, FetchFrom, LocalStrategy
 
 logger = logging.getLogger(__name__)
@@ -369,7 +370,7 @@ class _Store:
 
     def download(self, dst: pathlib.Path, now: _Version) -> pathlib.Path:
         """Downloads the object in one streamed request into a temporary file beside `dst`; returns that file."""
-        fs, path = self._filesystem()
+        fs, path = self._call(self._filesystem)
         options = dict(self.backend.single_stream)
         if self.backend is _S3 and now.version:
             options["version_id"] = now.version  # the very version whose identity is recorded
@@ -398,12 +399,17 @@ class _Store:
 
     def _call(self, call: Callable[[], Any]) -> Any:
         """Runs one backend call; its failures become `_Transient` (retried) or `FetchError` (reported)."""
+        failure: Exception | None = None
         try:
             return call()
         except (FetchError, ConfigurationError, _Transient):
             raise
         except Exception as error:
-            raise _translate(error, self.obj, self.backend, self.secrets) from _scrubbed(error, self.secrets)
+            failure = _translate(error, self.obj, self.backend, self.secrets)
+            failure.__cause__ = scrubbed_chain(error, self.secrets)
+        # Raised outside the `except`: no `__context__` keeps the backend's error, whose text and
+        # frames may hold a secret; its scrubbed copy is the cause (as in `hub`).
+        raise failure
 
 
 def _progress(bar: Any) -> Any:
@@ -528,8 +534,3 @@ def _translate(error: BaseException, obj: _Object, backend: _Backend, secrets: l
         source=obj.shown_source,
         hint="Check the address and FetchConfig(storage_options=...).",
     )
-
-
-def _scrubbed(error: BaseException, secrets: list[str]) -> FetchError:
-    """Returns the backend's error as a cause that keeps its type and message, without secrets."""
-    return FetchError(_scrub(f"{type(error).__module__}.{type(error).__name__}: {error}", secrets))
