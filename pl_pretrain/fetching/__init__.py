@@ -15,7 +15,8 @@ what differs is what can go wrong:
 - every failure is a `FetchError` (a `ValueError`) that names the source, the file and the cause.
 
 The modules: `sources` (what is asked for and given back), `fetch` (the orchestration), `kinds`
-(the interface of one source kind), `local`, `http`, `hub` (the kinds), `network` (retries,
+(the interface of one source kind), `local`, `http`, `hub`, `objectstore` (the kinds; `stores`: what
+differs between the object stores), `network` (retries,
 offline switch, progress), `download` (one URL download: resume, Retry-After, bounds), `shards`
 (a sharded checkpoint's shards at once), `placement`, `records`, `integrity`, `redaction`. See
 docs/architecture.md. This package knows nothing about ranks or loadables.

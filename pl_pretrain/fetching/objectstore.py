@@ -1,11 +1,13 @@
-"""Object-store sources: ``s3://``, ``gs://``, ``az://`` and ``abfs://`` read through fsspec (s3fs, gcsfs, adlfs).
+"""Object-store sources (``s3://``, ``gs://``, ``az://``, ``abfs://``): the source kind, each object's identity, its cache and its one read.
 
-The backends own credentials, endpoints and the wire protocol; each ecosystem's standard
-environment works as is (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``...;
-``STORAGE_EMULATOR_HOST`` and application-default credentials; ``AZURE_STORAGE_CONNECTION_STRING``
-or an account name and key), and ``FetchConfig(storage_options={...})`` is passed to fsspec for
-anything else. They are optional: ``pip install 'pl-pretrain[s3]'`` (``[gcs]``, ``[azure]``,
-``[cloud]``); nothing here imports them before an object-store source is fetched.
+The backends (s3fs, gcsfs, adlfs, through fsspec) own credentials, endpoints and the wire
+protocol; each ecosystem's standard environment works as is (``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``...; ``STORAGE_EMULATOR_HOST`` and application-default
+credentials; ``AZURE_STORAGE_CONNECTION_STRING`` or an account name and key), and
+``FetchConfig(storage_options={...})`` is passed to fsspec for anything else. They are optional:
+``pip install 'pl-pretrain[s3]'`` (``[gcs]``, ``[azure]``, ``[cloud]``); nothing imports them
+before an object-store source is fetched. What differs between the stores (packages, options,
+what their errors mean) is in `stores`.
 
 What is ours, as for every kind:
 
@@ -26,11 +28,9 @@ What is ours, as for every kind:
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import logging
 import os
 import pathlib
-import threading
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,78 +52,22 @@ from pl_pretrain.fetching.records import (
     _same,
     _size_of,
 )
-from pl_pretrain.fetching.redaction import _option_secrets, _scrub, redact_url, scrubbed_chain
+from pl_pretrain.fetching.redaction import _option_secrets, redact_url
 from pl_pretrain.fetching.sources import FetchConfig, Fetched, FetchFrom, LocalStrategy
+from pl_pretrain.fetching.stores import (
+    _BACKENDS,
+    _S3,
+    SCHEMES,
+    _Backend,
+    _filesystem,
+    _import_backend,
+    _translate,
+    is_object_url,
+)
+
+__all__ = ["SCHEMES", "KIND", "ObjectStoreKind", "is_object_url"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class _Backend:
-    """What differs between the stores: the package, the extra, and how each names its errors and versions."""
-
-    name: str  # for messages: "S3", "Google Cloud Storage", "Azure Blob Storage"
-    protocol: str  # fsspec's protocol
-    package: str  # the fsspec backend's module
-    extra: str  # pip install 'pl-pretrain[<extra>]'
-    bucket_word: str  # "bucket" or "container"
-    credentials: str  # what to check after a 403
-    secret_env: tuple[str, ...]  # environment variables whose values are secrets
-    single_stream: dict[str, Any]  # get_file options for one request per object
-    version_field: str  # the metadata field that names the object's version
-
-
-_S3 = _Backend(
-    "S3",
-    "s3",
-    "s3fs",
-    "s3",
-    "bucket",
-    "Check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, AWS_SESSION_TOKEN), or pass "
-    "FetchConfig(storage_options={'key': ..., 'secret': ...}); for a public bucket, storage_options={'anon': True}.",
-    ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"),
-    {"max_concurrency": 1},
-    "VersionId",
-)
-_GCS = _Backend(
-    "Google Cloud Storage",
-    "gcs",
-    "gcsfs",
-    "gcs",
-    "bucket",
-    "Check the application-default credentials (GOOGLE_APPLICATION_CREDENTIALS, `gcloud auth "
-    "application-default login`) or pass FetchConfig(storage_options={'token': ...}); for a public bucket, "
-    "storage_options={'token': 'anon'}.",
-    (),
-    {"concurrency": 1},
-    "generation",
-)
-_AZURE = _Backend(
-    "Azure Blob Storage",
-    "abfs",
-    "adlfs",
-    "azure",
-    "container",
-    "Check AZURE_STORAGE_CONNECTION_STRING (or AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_ACCOUNT_KEY or "
-    "AZURE_STORAGE_SAS_TOKEN), or pass FetchConfig(storage_options={'account_name': ..., 'account_key': ...}).",
-    (
-        "AZURE_STORAGE_CONNECTION_STRING",
-        "AZURE_STORAGE_ACCOUNT_KEY",
-        "AZURE_STORAGE_SAS_TOKEN",
-        "AZURE_STORAGE_CLIENT_SECRET",
-        "AZURE_CLIENT_SECRET",
-    ),
-    {"max_concurrency": 1},
-    "version_id",
-)
-_BACKENDS = {"s3": _S3, "s3a": _S3, "gs": _GCS, "gcs": _GCS, "az": _AZURE, "abfs": _AZURE, "abfss": _AZURE}
-SCHEMES = tuple(f"{scheme}://" for scheme in _BACKENDS)
-"""The address prefixes this kind reads."""
-
-
-def is_object_url(text: str) -> bool:
-    """True when `text` is an object-store address (``s3://``, ``gs://``, ``az://``, ``abfs://``...)."""
-    return text.lower().startswith(SCHEMES)
 
 
 class ObjectStoreKind(SourceKind):
@@ -300,23 +244,6 @@ def _into(obj: _Object, folder: pathlib.Path, name: str, strategy: LocalStrategy
 # ----------------------------------------------------------------------------------------------
 
 
-def _import_backend(backend: _Backend, location: str) -> Any:
-    try:
-        importlib.import_module("fsspec")
-        return importlib.import_module(backend.package)
-    except ImportError as error:
-        raise ConfigurationError(
-            f"'{location}' is a {backend.name} address, but the package '{backend.package}' is not installed "
-            f"({error}).",
-            source=location,
-            hint=f"pip install 'pl-pretrain[{backend.extra}]' (or 'pl-pretrain[cloud]' for every object store).",
-        ) from None
-
-
-_FILESYSTEMS: dict[tuple[Any, ...], Any] = {}
-_FILESYSTEMS_LOCK = threading.Lock()
-
-
 class _Store:
     """One object's store: its metadata and its bytes, with our retries and our error messages."""
 
@@ -329,23 +256,9 @@ class _Store:
         self._path = ""
 
     def _filesystem(self) -> tuple[Any, str]:
-        """Returns (fsspec filesystem, path) for the object; one filesystem per configuration and environment."""
+        """Returns (fsspec filesystem, path) for the object."""
         if self._fs is None:
-            import fsspec
-
-            options = _options(self.backend, self.config)
-            # The environment is part of the key: a backend reads it when it is created.
-            env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)))
-            key = (self.backend.protocol, fsspec.utils.tokenize(options), env, os.getpid())
-            with _FILESYSTEMS_LOCK:
-                fs = _FILESYSTEMS.get(key)
-                if fs is None:
-                    fs, _ = fsspec.core.url_to_fs(self.obj.url, skip_instance_cache=True, **options)
-                    if self.backend is _S3:
-                        fs.retries = 1  # s3fs's own retry loop: ours governs (FetchConfig.retries)
-                    _FILESYSTEMS.clear()  # one is enough: configurations rarely alternate
-                    _FILESYSTEMS[key] = fs
-            self._fs = fs
+            self._fs = _filesystem(self.backend, self.obj.url, self.config.storage_options, self.config.timeout)
             self._path = f"{self.obj.bucket}/{self.obj.key}"
         return self._fs, self._path
 
@@ -405,8 +318,8 @@ class _Store:
         except (FetchError, ConfigurationError, _Transient):
             raise
         except Exception as error:
-            failure = _translate(error, self.obj, self.backend, self.secrets)
-            failure.__cause__ = scrubbed_chain(error, self.secrets)
+            obj = self.obj
+            failure = _translate(error, self.backend, obj.location, obj.bucket, obj.key, obj.shown_source, self.secrets)
         # Raised outside the `except`: no `__context__` keeps the backend's error, whose text and
         # frames may hold a secret; its scrubbed copy is the cause (as in `hub`).
         raise failure
@@ -431,106 +344,3 @@ def _fsync(path: pathlib.Path, source: str) -> None:
             os.fsync(f.fileno())
     except OSError as error:
         raise FetchError(f"Could not write '{path}': {error}", source=source) from error
-
-
-_ENV_PREFIXES = ("AWS_", "AZURE_", "GOOGLE_", "GCSFS_", "STORAGE_EMULATOR_HOST", "CLOUDSDK_")
-
-
-def _options(backend: _Backend, config: FetchConfig) -> dict[str, Any]:
-    """Returns the fsspec options: our timeouts and retries first, the user's storage_options over them."""
-    user = dict(config.storage_options or {})
-    timeout = float(config.timeout)
-    if backend is _S3:
-        # botocore retries throttling and 5xx itself: one attempt each, so that FetchConfig.retries governs.
-        ours = {"retries": {"total_max_attempts": 1}, "connect_timeout": timeout, "read_timeout": timeout}
-        user["config_kwargs"] = {**ours, **dict(user.get("config_kwargs") or {})}
-    elif backend is _GCS:
-        user.setdefault("requests_timeout", timeout)
-    else:
-        user.setdefault("connection_timeout", int(timeout))
-        user.setdefault("read_timeout", int(timeout))
-    return user
-
-
-# ----------------------------------------------------------------------------------------------
-# Errors, without secrets
-# ----------------------------------------------------------------------------------------------
-
-# fmt: off
-_TRANSIENT_NAMES = {
-    "ClientPayloadError", "ServerDisconnectedError", "ClientConnectorError", "ClientOSError",
-    "ServerTimeoutError", "EndpointConnectionError", "ConnectionClosedError", "ConnectTimeoutError",
-    "ReadTimeoutError", "ResponseStreamingError", "IncompleteRead", "IncompleteReadError",
-    "ServiceRequestError", "ServiceResponseError", "ChecksumError",
-}
-_CREDENTIAL_NAMES = {
-    "NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError", "DefaultCredentialsError",
-    "RefreshError", "ClientAuthenticationError", "NoAuthTokenError",
-}
-# fmt: on
-
-
-def _status(error: BaseException) -> int | None:
-    """Returns the HTTP status an error of any backend carries (botocore, aiohttp, gcsfs, azure-core)."""
-    seen = 0
-    current: BaseException | None = error
-    while current is not None and seen < 8:
-        response = getattr(current, "response", None)
-        if isinstance(response, dict):
-            code = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if isinstance(code, int):
-                return code
-        for attr in ("status_code", "status", "code"):
-            value = getattr(current, attr, None)
-            if isinstance(value, int) and 100 <= value < 600:
-                return value
-        current = current.__cause__ or current.__context__
-        seen += 1
-    return None
-
-
-def _names(error: BaseException) -> set[str]:
-    names: set[str] = set()
-    current: BaseException | None = error
-    for _ in range(8):
-        if current is None:
-            break
-        names.update(cls.__name__ for cls in type(current).__mro__)
-        current = current.__cause__ or current.__context__
-    return names
-
-
-def _translate(error: BaseException, obj: _Object, backend: _Backend, secrets: list[str]) -> Exception:
-    """Returns our error for a backend's: `_Transient` to retry, or a `FetchError` that says what to change."""
-    status = _status(error)
-    if status is None and backend is _GCS and isinstance(error, OSError) and str(error).startswith("Forbidden"):
-        status = 403  # gcsfs turns a 403 into OSError("Forbidden: <url>")
-    names = _names(error)
-    cause = _scrub(f"{type(error).__name__}: {error}", secrets)
-    where = f"{backend.bucket_word} '{obj.bucket}'"
-    if status == 404 or (status is None and isinstance(error, FileNotFoundError)):
-        return FetchError(
-            f"Object '{obj.key}' does not exist in {backend.name} {where} ({obj.location}: HTTP 404).",
-            source=obj.shown_source,
-            hint=f"Check the {backend.bucket_word} and the key in `paths` (or default_source).",
-        )
-    if status in (401, 403) or (status is None and isinstance(error, PermissionError)) or names & _CREDENTIAL_NAMES:
-        said = f"HTTP {status}" if status else cause
-        return FetchError(
-            f"{backend.name} refused to read '{obj.location}' ({said}): the credentials are missing, wrong, "
-            f"or may not read {where}.",
-            source=obj.shown_source,
-            hint=backend.credentials,
-        )
-    if status is not None and (status >= 500 or status in (408, 429)):
-        return _Transient(f"HTTP {status} ({cause})")
-    # A cut body's error carries a status of its own (aiohttp: 400): its name is what tells.
-    if names & _TRANSIENT_NAMES or (
-        status is None and (isinstance(error, (ConnectionError, TimeoutError)) or "Timeout" in str(names))
-    ):
-        return _Transient(cause)
-    return FetchError(
-        f"Could not read '{obj.location}' from {backend.name}: {cause}.",
-        source=obj.shown_source,
-        hint="Check the address and FetchConfig(storage_options=...).",
-    )
