@@ -129,6 +129,7 @@ def run_ranks(
     rank_env: Callable[[int], dict[str, str]] | None = None,
     pg_timeout_s: float = 60.0,
     check: bool = True,
+    until_reported: Sequence[int] = (),
 ) -> list[RankResult]:
     """Returns every rank's `RankResult` of ``fn(rank, *args)`` run on `world_size` gloo ranks.
 
@@ -143,6 +144,8 @@ def run_ranks(
         rank_env: per-rank extra environment variables.
         pg_timeout_s: the default process group's timeout (short, to prove nothing relies on it).
         check: raise `RanksFailed` if a rank did not report at all (killed or crashed).
+        until_reported: ranks whose reports end the run: once each of them has reported, ranks still
+            alive are killed (a rank that stays away from the collection need not be waited out).
     """
     if world_size % nodes:
         raise ValueError("world_size must be a multiple of nodes")
@@ -178,6 +181,15 @@ def run_ranks(
         for p in procs:
             p.start()
         deadline = time.monotonic() + timeout
+        if until_reported and not private:
+            reports = [os.path.join(out_dir, f"rank{rank}.pkl") for rank in until_reported]
+            while time.monotonic() < deadline and any(p.is_alive() for p in procs):
+                if all(os.path.exists(path) for path in reports):
+                    for rank in until_reported:  # their teardown; the ranks still away are killed below
+                        procs[rank].join(max(0.0, min(deadline, time.monotonic() + 10) - time.monotonic()))
+                    deadline = time.monotonic()
+                    break
+                time.sleep(0.2)
         for p in procs:
             p.join(max(0.0, deadline + (5 if private else 0) - time.monotonic()))
         hung = [p for p in procs if p.is_alive()]

@@ -63,6 +63,7 @@ def test_a_rank_lost_before_the_collection_ends_every_other_rank(tmp_path, how):
         pg_timeout_s=PG_TIMEOUT_S,
         timeout=PG_TIMEOUT_S + 90,
         check=False,
+        until_reported=[0, 1],  # the survivors; the rank that stays away is then killed
     )
     survivors = [r.value for r in results[:2]]
     for rank, (result, outcome) in enumerate(zip(results[:2], survivors, strict=True)):
