@@ -67,6 +67,8 @@ class Watch:
         self._lost_key = f"{self._prefix}/lost"
         self.rank, self._size = dist.get_rank(), dist.get_world_size()
         self.bound = bound.total_seconds()
+        # Never fewer than five missed beats: a loaded machine may delay one thread for a few seconds.
+        self._silence = max(self.bound, 5 * _BEAT_S)
         # Reading every counter costs one store operation per rank: often enough to notice within
         # the bound, seldom enough for a store that serves thousands of ranks.
         self._check_s = max(_BEAT_S, self.bound / 20)
@@ -143,7 +145,8 @@ class Watch:
 
     def _run(self) -> None:
         last_seen: dict[int, tuple[int | None, float]] = {}
-        next_check = time.monotonic()
+        # The first reading waits one period: a short round (a load) reads no counter at all.
+        next_check = time.monotonic() + self._check_s
         while not self._stop.wait(_BEAT_S):
             try:
                 self._beat()
@@ -154,7 +157,7 @@ class Watch:
                 for rank, count in self._counters().items():
                     if last_seen.get(rank, (None, 0.0))[0] != count:
                         last_seen[rank] = (count, now)
-                silent = sorted(r for r, (_, since) in last_seen.items() if now - since > self.bound)
+                silent = sorted(r for r, (_, since) in last_seen.items() if now - since > self._silence)
                 silent = silent or self._posted() or []  # a waiting rank saw a peer's connection close
             except Exception:  # the store is gone (rank 0 died): the collective will say so
                 return
