@@ -9,77 +9,40 @@ name. What it adds: `collect_files(internal_ddp_handling=True)` runs the distrib
 
 from __future__ import annotations
 
-import contextlib
 import datetime
-import logging
 import os
 import pathlib
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple, cast
+from typing import Any, cast
 
 from pl_pretrain import distributed
+from pl_pretrain._collection import Collection, Source, collect_arguments, collection_of, fetch_key, relay, show_source
 from pl_pretrain._constants import DEFAULT_COLLECT_IN, PARAMFILE_EXT
-from pl_pretrain._shards import check_pinned_shards, pin_shards, recorded_shards
-from pl_pretrain.conditions import condition_value
-from pl_pretrain.errors import (
-    ArgumentTypeError,
-    ChecksumError,
-    ConfigurationError,
-    FetchError,
-    OfflineError,
-    PretrainerError,
-    TransferError,
+from pl_pretrain._loading import (
+    call_hook,
+    check_shards_unchanged,
+    forget_unreadable,
+    found_in_collect_in,
+    hooked_report,
+    log_reports,
+    verify_unchanged,
 )
+from pl_pretrain.conditions import condition_value
+from pl_pretrain.errors import ConfigurationError, PretrainerError, TransferError
 from pl_pretrain.fetching import (
     RECORD_DIR,
     FetchConfig,
     Fetched,
-    FetchFrom,
     FetchSource,
     LocalStrategy,
-    as_fetch_config,
     as_fetch_source,
-    as_local_strategy,
     check_file_name,
-    discard_unreadable,
-    fetch_file,
-    fetch_shards,
-    file_sha256,
-    guess_source,
     parse_checksum,
-    redact_url,
-    verify_sha256,
 )
 from pl_pretrain.identity import FileIdentity, FolderProbe, all_match, check_pinned
-from pl_pretrain.replication import CollectedFiles
-from pl_pretrain.transfer import (
-    DEFAULT_LOAD_HOOKS,
-    DEFAULT_TRANSFER_HOOKS,
-    TransferOptions,
-    TransferReport,
-    format_reports,
-    get_default_hook,
-    incomplete_keys,
-    shard_names,
-    shard_path,
-    torch_parameter_transfer,
-)
-from pl_pretrain.transfer.speechbrain import speechbrain_hook
+from pl_pretrain.transfer import TransferOptions, TransferReport
 
 __all__ = ["Pretrainer", "PARAMFILE_EXT", "shard_folder_name"]
-
-logger = logging.getLogger(__name__)
-
-
-Source = str | os.PathLike | FetchSource
-
-
-class _Collection(NamedTuple):
-    """What the fetching rank sends every rank it fetched for: the files, pinned, and who placed them."""
-
-    fetcher: int
-    files: dict[str, Fetched]
-    pins: dict[str, dict[str, FileIdentity]]  # key -> {path: identity} (the file and its shards)
 
 
 def shard_folder_name(collected_name: str) -> str:
@@ -275,7 +238,7 @@ class Pretrainer:
             ArgumentTypeError: (a ``TypeError``) a positional argument, `local_strategy` or
                 `fetch_config` of another type.
         """
-        ddp, strategy, config = _collect_arguments(
+        ddp, strategy, config = collect_arguments(
             internal_ddp_handling, speechbrain_fetch_config, local_strategy, fetch_config
         )
         per_node = distributed.as_per_node(collect_per_node)
@@ -289,14 +252,11 @@ class Pretrainer:
             planned.append(self._plan(default_source))
             return self._description(planned[-1], per_node, config)
 
-        def work() -> _Collection:
+        def work() -> Collection:
             self._fetched_here = True  # only the ranks that fetch run the work
             plan = planned[-1] if planned else self._plan(default_source)
             files = {key: self._fetch_one(key, *where, strategy, config) for key, where in plan.items()}
-            pins = {
-                key: {str(f.path): FileIdentity.of(f.path, f.sha256) for f in placed} for key, placed in files.items()
-            }
-            return _Collection(distributed.global_rank(), {key: placed[0] for key, placed in files.items()}, pins)
+            return collection_of(distributed.global_rank(), files)
 
         if ddp:
             collection = distributed.run_once(
@@ -306,7 +266,7 @@ class Pretrainer:
                 check=lambda c: all(all_match(p) for p in c.pins.values()),
                 timeout=timeout,
                 describe=describe,
-                relay=_relay(self.collect_in),
+                relay=relay(self.collect_in, lambda key: shard_folder_name(key + PARAMFILE_EXT)),
             )
             self._synchronised = distributed.is_distributed()
         else:
@@ -341,8 +301,7 @@ class Pretrainer:
             "loadables": sorted(self.loadables),
             "conditions": {key: key in plan for key in sorted(self.loadables)},
             "paths": {
-                key: f"{_show_source(source, config.shown_query)}/{name}"
-                for key, (source, name) in sorted(plan.items())
+                key: f"{show_source(source, config.shown_query)}/{name}" for key, (source, name) in sorted(plan.items())
             },
             "checksums": {key: parse_checksum(value, key=key) for key, value in sorted(self.checksums.items())},
             "collect_in": None if self.collect_in is None else os.path.abspath(self.collect_in),
@@ -383,46 +342,11 @@ class Pretrainer:
         self, key: str, source: Source, filename: str, strategy: LocalStrategy, config: FetchConfig
     ) -> list[Fetched]:
         """Returns the fetched file for `key`, followed by its shards when it is a sharded checkpoint's index."""
-        shown = _show_source(source, config.shown_query)
-        expected = parse_checksum(self.checksums[key], key=key) if key in self.checksums else None
-        try:
-            fetched = fetch_file(
-                filename, source, self.collect_in, key + PARAMFILE_EXT, strategy, config, sha256=expected
-            )
-            shards = shard_names(fetched.path)
-            if shards:
-                # A sharded checkpoint's index: its shards live beside it in the source, and are
-                # collected, several at a time, into <collect_in>/<key>.shards/ (see shard_folder_name);
-                # with no collect_in they stay where they live, URL shards beside their index.
-                parts = fetch_shards(
-                    shards,
-                    source,
-                    filename.rpartition("/")[0],
-                    self._shard_dir(key),
-                    fetched.path,
-                    strategy,
-                    config,
-                    desc=key,
-                    on_failure=lambda error, name: _named_by_the_index(error, name, filename),
-                )
-                if expected is not None:  # the pin covers the shards too (see pl_pretrain._shards)
-                    self._shard_pins[key] = pin_shards(
-                        expected, dict(zip(shards, parts, strict=True)), self._shard_dir(key)
-                    )
-                return [fetched, *parts]
-            return [fetched]
-        except PretrainerError as error:
-            error.with_context(key=key, source=shown)
-            raise
-        except Exception as error:  # anything unforeseen still names the key and the source
-            raise FetchError(f"{type(error).__name__}: {error}", key=key, source=shown) from error
-
-    def _check_pinned_shards(self, key: str, index: pathlib.Path, pinned: str) -> None:
-        """Raises when a shard of the pinned index `key` differs from the digest recorded when it was collected."""
-        names = shard_names(index)
-        recorded = self._shard_pins.get(key) or recorded_shards(self._shard_dir(key), pinned)
-        if names and recorded:  # a rank that sees no record (collect_in=None, not the fetcher) cannot check
-            check_pinned_shards(recorded, {name: shard_path(index, name, self._shard_dir(key)) for name in names})
+        shard_dir, checksum = self._shard_dir(key), self.checksums.get(key)
+        files, shard_pins = fetch_key(key, source, filename, self.collect_in, shard_dir, strategy, config, checksum)
+        if shard_pins is not None:
+            self._shard_pins[key] = shard_pins
+        return files
 
     def _shard_dir(self, key: str) -> pathlib.Path | None:
         """Returns the folder that a sharded checkpoint's shards for `key` are collected into (None: none)."""
@@ -462,7 +386,7 @@ class Pretrainer:
                 loaded, as one WARNING naming the loadables that did not load completely.
         """
         if not self.collected:
-            self.collected = self._found_in_collect_in()
+            self.collected = found_in_collect_in(self.collect_in, (k for k in self.loadables if self.is_loadable(k)))
             self._pins, self._fetcher = {}, None
 
         def work() -> dict[str, TransferReport | None]:
@@ -471,56 +395,27 @@ class Pretrainer:
         reports = distributed.run_everywhere(work) if self._synchronised else work()
         self.reports = reports
         if log_report and distributed.global_rank() == 0:
-            shown = self.shown_reports()
-            table = format_reports(shown)
-            incomplete = incomplete_keys(shown)
-            warned = [key for key, report in shown.items() if report is not None and report.warnings]
-            if incomplete or warned:
-                logger.warning(
-                    "Pretrained parameters did not load completely into %s, or their options matched nothing "
-                    "(TransferOptions(strict=True) makes this an error):\n%s",
-                    ", ".join(dict.fromkeys([*incomplete, *warned])),
-                    table,
-                )
-            elif table:
-                logger.info("Loaded pretrained parameters:\n%s", table)
+            log_reports(self.shown_reports())
         return reports
 
-    def _found_in_collect_in(self) -> dict[str, Fetched]:
-        if self.collect_in is None:
-            raise ConfigurationError("Nothing was collected yet.", hint="Call collect_files() before load_collected().")
-        found = {}
-        for key in self.loadables:
-            if not self.is_loadable(key):
-                continue
-            path = self.collect_in / (key + PARAMFILE_EXT)
-            if not path.is_file():
-                raise ConfigurationError(
-                    f"'{path}' does not exist, and collect_files() was not called in this process.",
-                    key=key,
-                    hint="Call collect_files() (with internal_ddp_handling=True on every rank) before load_collected().",
-                )
-            found[key] = Fetched(
-                path, FetchFrom.LOCAL, str(self.collect_in), path.name, str(path), size=path.stat().st_size
-            )
-        return found
-
     def _load_one(self, key: str, fetched: Fetched) -> TransferReport | None:
-        obj = self.loadables[key]
+        obj, custom_hook = self.loadables[key], self.custom_hooks.get(key)
         try:
             if key in self.checksums:
                 # Verified again before loading: the file may have changed since it was collected.
-                self._verify_before_loading(key, fetched)
-                self._check_pinned_shards(key, fetched.path, parse_checksum(self.checksums[key], key=key))
+                expected = parse_checksum(self.checksums[key], key=key)
+                verify_unchanged(fetched, expected, fetched_here=self._fetched_here, fetcher=self._fetcher)
+                check_shards_unchanged(fetched.path, expected, self._shard_pins.get(key), self._shard_dir(key))
             pins = self._pins.get(key, {})
             check_pinned(pins, fetched, self._fetcher, distributed.global_rank())
-            result = self._call_hook(key, obj, fetched.path)
+            options = self.transfer_options.get(key)
+            result = call_hook(key, obj, fetched.path, custom_hook, options, self._shard_dir(key))
             # Checked again after: the bytes just loaded were the pinned ones (a replacement renames
             # over the path, and a file that was open keeps its bytes).
             check_pinned(pins, fetched, self._fetcher, distributed.global_rank())
         except PretrainerError as error:
             error.with_context(key=key, source=fetched.location)
-            self._forget_unreadable(error, fetched)
+            forget_unreadable(error, fetched, fetched_here=self._fetched_here)
             raise
         except Exception as error:  # a user's hook failing still names the key and the file
             raise TransferError(
@@ -530,8 +425,7 @@ class Pretrainer:
             ) from error
         if isinstance(result, TransferReport):
             return result
-        hook, _ = self._hook_for(key, obj)
-        self._hooked[key] = TransferReport(source=fetched.path, hook=getattr(hook, "__qualname__", repr(hook)))
+        self._hooked[key] = hooked_report(obj, custom_hook, fetched.path)
         return None
 
     def shown_reports(self) -> dict[str, TransferReport | None]:
@@ -541,82 +435,6 @@ class Pretrainer:
         here that key has a report naming the hook and the file, so the table shows every loadable.
         """
         return {key: self._hooked.get(key) if report is None else report for key, report in self.reports.items()}
-
-    def _forget_unreadable(self, error: PretrainerError, fetched: Fetched) -> None:
-        """A file this process just downloaded that cannot be parsed is removed with its record (else
-        every later run would reuse it without a request and fail the same way)."""
-        if not getattr(error, "unreadable", False) or fetched.reused or fetched.fetch_from is FetchFrom.LOCAL:
-            return
-        if not self._fetched_here:
-            error.message += " The fetching rank removes it; the next collect_files() fetches it again."
-            return
-        fate = discard_unreadable(fetched)
-        error.message += f" It was just downloaded from '{fetched.location}': {fate}."
-        error.hint = (
-            "The server sent something other than the checkpoint (a body cut short, an HTML login page, a "
-            "compressed body): run again to fetch it again; if it fails again, check the address and credentials."
-        )
-
-    def _verify_before_loading(self, key: str, fetched: Fetched) -> None:
-        expected = parse_checksum(self.checksums[key], key=key)
-        if self._fetched_here:
-            verify_sha256(fetched, expected, rehash=True)  # removes a bad file: this process placed it
-            return
-        # Only the process that placed a file removes it: removing it here would pull it from under
-        # the ranks loading it, and hide this cause behind their "No such file".
-        actual = file_sha256(fetched.path)
-        if actual != expected:
-            placer = "the rank that placed it" if self._fetcher is None else f"rank {self._fetcher}, which placed it,"
-            raise ChecksumError(
-                f"'{fetched.path}' changed after it was collected: it has sha256 {actual}, but sha256 {expected} "
-                f"was expected; the file was left for {placer} to remove.",
-                source=fetched.source,
-                hint="The file was changed after it was fetched: fetch again, or update the pinned checksum.",
-            )
-
-    def _call_hook(self, key: str, obj: Any, path: pathlib.Path) -> Any:
-        options = self.transfer_options.get(key)
-        hook, kind = self._hook_for(key, obj)
-        if hook is None:
-            raise ConfigurationError(
-                f"Don't know how to load a {type(obj).__module__}.{type(obj).__qualname__}.",
-                key=key,
-                hint="Pass custom_hooks={key: hook(obj, path)}, or decorate its class with "
-                "@register_checkpoint_hooks and @mark_as_transfer.",
-            )
-        if kind == "custom":
-            return hook(obj, path)
-        if kind == "module":
-            return hook(obj, path, options, shard_dir=self._shard_dir(key))
-        if options is not None:
-            raise ConfigurationError(
-                f"transfer_options apply to torch.nn.Module loadables; '{key}' is a {type(obj).__name__}.",
-                key=key,
-            )
-        if kind == "load":
-            return hook(obj, path, False)
-        return hook(obj, path)
-
-    def _hook_for(self, key: str, obj: Any) -> tuple[Callable[..., Any] | None, str]:
-        """Returns (the hook that loads `obj`, how it is called: "custom", "module", "transfer" or "load").
-
-        The order: the key's custom hook; a transfer hook registered for the object's class (along
-        its MRO); SpeechBrain's own hook for a class SpeechBrain knows; the module transfer; a load
-        hook. ``(None, "")`` when there is none.
-        """
-        if key in self.custom_hooks:
-            return self.custom_hooks[key], "custom"
-        hook = get_default_hook(obj, DEFAULT_TRANSFER_HOOKS)
-        if hook is None or hook is torch_parameter_transfer:
-            # A class SpeechBrain knows (InputNormalization, CategoricalEncoder, its users' decorated
-            # classes) loads with SpeechBrain's own hook, before the generic module transfer.
-            hook = speechbrain_hook(obj) or hook
-        if hook is torch_parameter_transfer:
-            return hook, "module"
-        if hook is not None:
-            return hook, "transfer"
-        hook = get_default_hook(obj, DEFAULT_LOAD_HOOKS)
-        return hook, "load"
 
     # ----------------------------------------------------------------------------------------
     # What was loaded, from where
@@ -657,100 +475,3 @@ def _check_key(key: Any) -> None:
             key=key if isinstance(key, str) else None,
             hint="Use a name such as 'encoder'; it becomes the file 'encoder.ckpt' inside collect_in.",
         ) from None
-
-
-def _named_by_the_index(error: PretrainerError, shard: str, index: str) -> None:
-    """A shard's name comes from its index, not from `paths`: the error says so, and what to check."""
-    error.message = f"Shard '{shard}', which the sharded checkpoint's index '{index}' lists: {error.message}"
-    if isinstance(error, FetchError) and not isinstance(error, (OfflineError, ChecksumError)):
-        error.hint = (
-            "The index names a shard its source does not hold: check that every shard listed in the index's "
-            "weight_map was uploaded beside it (and the revision)."
-        )
-
-
-def _show_source(source: Source, shown_query: tuple[str, ...] = ()) -> str:
-    try:
-        fetch_from, text = guess_source(source)
-    except PretrainerError:
-        pinned = as_fetch_source(source)
-        return os.fspath(cast("str | os.PathLike[str]", source)) if pinned is None else str(pinned.path)
-    if fetch_from is FetchFrom.URI:
-        return redact_url(text, shown_query)
-    return text
-
-
-def _shard_folder_of(key: str) -> str:
-    return shard_folder_name(key + PARAMFILE_EXT)
-
-
-def _relay(collect_in: pathlib.Path | None) -> CollectedFiles | None:
-    """Returns how a collection travels to nodes that do not see `collect_in` (None: no folder to stream into)."""
-    if collect_in is None:
-        return None
-    return CollectedFiles(collect_in, _shard_folder_of, lambda c: c.files, _received_collection)
-
-
-def _received_collection(collection: _Collection, files: dict[str, Fetched]) -> _Collection:
-    # This node's copies are pinned by what this node sees of them (its own inodes and times).
-    pins: dict[str, dict[str, FileIdentity]] = {}
-    for key, fetched in files.items():
-        paths = [str(fetched.path)] + [p for p in collection.pins.get(key, {}) if p != str(collection.files[key].path)]
-        pins[key] = {}
-        for path in paths:
-            with contextlib.suppress(OSError):  # not on this node: the check of the collected files fails for it
-                pins[key][path] = FileIdentity.of(path, fetched.sha256 if path == str(fetched.path) else None)
-    return _Collection(collection.fetcher, files, pins)
-
-
-def _collect_arguments(
-    second: Any, rest: tuple[Any, ...], local_strategy: Any, fetch_config: Any
-) -> tuple[bool, LocalStrategy, FetchConfig]:
-    """Returns (internal_ddp_handling, strategy, config) from either positional form of `collect_files`."""
-    if isinstance(second, bool):
-        if rest:
-            raise ArgumentTypeError(
-                f"collect_files() got a third positional argument ({_type_name(rest[0])}) after "
-                "internal_ddp_handling; fetch_config is keyword-only in this form.",
-                hint="Pass fetch_config=FetchConfig(...) by keyword.",
-            )
-        ddp = second
-    elif _is_strategy(second):
-        if local_strategy is not None:
-            raise ArgumentTypeError(
-                "collect_files() got local_strategy both as its second positional argument and by keyword.",
-                hint="Pass it once.",
-            )
-        if len(rest) > 1:
-            raise ArgumentTypeError(
-                f"collect_files() takes at most 3 positional arguments (default_source, local_strategy, "
-                f"fetch_config); got {len(rest) + 2}."
-            )
-        if rest and fetch_config is not None:
-            raise ArgumentTypeError(
-                "collect_files() got fetch_config both as its third positional argument and by keyword.",
-                hint="Pass it once.",
-            )
-        ddp, local_strategy = False, second
-        if rest:
-            fetch_config = as_fetch_config(rest[0], where="fetch_config (the third positional argument)")
-    else:
-        raise ArgumentTypeError(
-            f"collect_files()'s second positional argument is a {_type_name(second)}: it must be "
-            "internal_ddp_handling (a bool) or, in SpeechBrain's form, local_strategy (a LocalStrategy).",
-            hint="Pass local_strategy=LocalStrategy.COPY (or internal_ddp_handling=True) by keyword.",
-        )
-    strategy = LocalStrategy.SYMLINK if local_strategy is None else as_local_strategy(local_strategy)
-    return ddp, strategy, as_fetch_config(fetch_config)
-
-
-def _is_strategy(value: Any) -> bool:
-    try:
-        as_local_strategy(value)
-    except TypeError:
-        return False
-    return True
-
-
-def _type_name(value: Any) -> str:
-    return f"{type(value).__module__}.{type(value).__qualname__}"
