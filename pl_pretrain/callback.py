@@ -11,7 +11,6 @@ Lightning Fabric users call `load_pretrained(fabric, pretrainer)` instead.
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import logging
 import multiprocessing
@@ -28,9 +27,11 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from pl_pretrain._constants import DEFAULT_COLLECT_IN
+from pl_pretrain._materialize import materialize_meta
+from pl_pretrain._provenance import changed_sources, configured_sources, hyperparameters, stamped
 from pl_pretrain.distributed import as_per_node
 from pl_pretrain.errors import ConfigurationError
-from pl_pretrain.fetching import FetchConfig, LocalStrategy, as_fetch_config, as_local_strategy, redact_url
+from pl_pretrain.fetching import FetchConfig, LocalStrategy, as_fetch_config, as_local_strategy
 from pl_pretrain.pretrainer import Pretrainer
 from pl_pretrain.transfer import TransferOptions, TransferReport, format_reports, incomplete_keys
 
@@ -240,8 +241,8 @@ class PretrainerCallback(Callback):
         recorded = state_dict.get("sources", {})
         self.provenance = dict(state_dict.get("provenance", {}))
         configured = self.configured_sources()
-        if recorded and recorded != configured:
-            changed = sorted(k for k in set(recorded) | set(configured) if recorded.get(k) != configured.get(k))
+        changed = changed_sources(recorded, configured)
+        if changed:
             rank_zero_warn(
                 "pl_pretrain: the checkpoint being resumed was initialised from other pretrained sources than this run "
                 f"is configured with (keys: {', '.join(changed)}). Recorded: {recorded}. Configured: {configured}. "
@@ -289,10 +290,7 @@ class PretrainerCallback(Callback):
         reports = self.pretrainer.load_collected(log_report=False)  # logged below, the Lightning way
         self.reports = reports
         self._mark_loaded(trainer, pl_module)
-        self.provenance = {
-            key: {**entry, "loaded_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-            for key, entry in self.pretrainer.provenance().items()
-        }
+        self.provenance = stamped(self.pretrainer.provenance())
         if self.log_report:
             self._log(trainer, reports, time.time() - started)
         return reports
@@ -308,21 +306,7 @@ class PretrainerCallback(Callback):
 
     def configured_sources(self) -> dict[str, dict[str, Any]]:
         """Returns key -> the source this run is configured to load it from (no credentials)."""
-        pt = self.pretrainer
-        out = {}
-        for key in sorted(pt.loadables):
-            where = pt.source_of(key, self.default_source)
-            path = None
-            if where is not None:
-                source, filename = where
-                source = str(getattr(source, "path", source))
-                path = filename if source == "./" else f"{source.rstrip('/')}/{filename}"
-            out[key] = {
-                "path": redact_url(path, self.fetch_config.shown_query) if path is not None and "://" in path else path,
-                "revision": self.fetch_config.revision,
-                "checksum": pt.checksums.get(key),
-            }
-        return out
+        return configured_sources(self.pretrainer, self.default_source, self.fetch_config)
 
     def _already_loaded(self, trainer: Trainer, pl_module: LightningModule) -> bool:
         if pl_module in self._loaded_modules:
@@ -360,25 +344,10 @@ class PretrainerCallback(Callback):
     def materialize(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Gives every module still on the meta device real memory and its own ``reset_parameters()``, once.
 
-        Why here, before the load: when any tensor is still on ``meta`` as the strategy sets up
-        (``ModelParallelStrategy``, ``FSDPStrategy``), Lightning calls ``to_empty()`` on the whole
-        model and ``reset_parameters()`` on every submodule, which would overwrite weights loaded
-        before it. Materialising first, as Lightning would (module by module, so DTensor shards
-        stay sharded), leaves nothing for Lightning's pass to do: the load then fills what the
-        files hold, and modules they do not hold (a new head) keep this one initialisation.
+        Before the load, so that Lightning's own materialisation, as the strategy sets up, finds
+        nothing left to re-initialise over the loaded weights (see `pl_pretrain._materialize`).
         """
-        device = trainer.strategy.root_device
-        uninitialised = set()
-        for module in pl_module.modules():
-            own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
-            if not any(tensor.is_meta for tensor in own):
-                continue
-            module.to_empty(device=device, recurse=False)
-            reset = getattr(module, "reset_parameters", None)
-            if callable(reset):
-                reset()
-            else:
-                uninitialised.add(type(module).__name__)
+        uninitialised = materialize_meta(pl_module, trainer.strategy.root_device)
         if uninitialised:
             rank_zero_warn(
                 f"pl_pretrain: {', '.join(sorted(uninitialised))} had tensors on the meta device and no "
@@ -428,17 +397,7 @@ class PretrainerCallback(Callback):
         for key, report in reports.items():
             for warning in report.warnings if report is not None else ():
                 rank_zero_warn(f"pl_pretrain: {key}: {warning}; TransferOptions(strict=True) makes this an error.")
-        hparams = {}
-        for key, entry in self.provenance.items():
-            for field in ("location", "revision", "commit", "etag", "sha256"):
-                if entry.get(field) is not None:
-                    hparams[f"pretrained/{key}/{field}"] = entry[field]
-            report = reports.get(key)
-            if report is not None:
-                hparams[f"pretrained/{key}/loaded"] = len(report.loaded)
-                hparams[f"pretrained/{key}/missing"] = len(report.missing)
-                hparams[f"pretrained/{key}/unexpected"] = len(report.unexpected)
-                hparams[f"pretrained/{key}/mismatched"] = len(report.mismatched)
+        hparams = hyperparameters(self.provenance, reports)
         for logger in trainer.loggers:
             logger.log_hyperparams(hparams)
 
