@@ -107,13 +107,32 @@ def collect_timeout(timeout: datetime.timedelta | float | None = None) -> dateti
     Raises:
         ConfigurationError: the value is not a finite, positive number of seconds.
     """
-    where = "timeout"
-    value: object = timeout
-    if timeout is None:
-        value = os.environ.get(ENV_COLLECT_TIMEOUT, "").strip()
-        if not value:
-            return DEFAULT_COLLECT_TIMEOUT
-        where = ENV_COLLECT_TIMEOUT
+    if timeout is not None:
+        return _positive_seconds(timeout, "timeout", example="3600 (one hour)", default="24 hours")
+    text = os.environ.get(ENV_COLLECT_TIMEOUT, "").strip()
+    if not text:
+        return DEFAULT_COLLECT_TIMEOUT
+    return _positive_seconds(text, ENV_COLLECT_TIMEOUT, example="3600 (one hour)", default="24 hours")
+
+
+def stream_timeout() -> datetime.timedelta:
+    """Returns how long one step of a stream between nodes may take (``$PL_PRETRAIN_STREAM_TIMEOUT``, else 60 s).
+
+    Raises:
+        ConfigurationError: the value is not a finite, positive number of seconds.
+    """
+    text = os.environ.get(ENV_STREAM_TIMEOUT, "").strip()
+    if not text:
+        return DEFAULT_STREAM_TIMEOUT
+    return _positive_seconds(text, ENV_STREAM_TIMEOUT, example="60", default="60 s")
+
+
+def _positive_seconds(value: object, where: str, *, example: str, default: str) -> datetime.timedelta:
+    """Returns `value` (a timedelta, or a number of seconds, also as text) as a timedelta.
+
+    Raises:
+        ConfigurationError: it is not a finite, positive number of seconds; the message names `where`.
+    """
     if isinstance(value, datetime.timedelta):
         seconds = value.total_seconds()
     elif isinstance(value, (int, float, str)) and not isinstance(value, bool):
@@ -126,28 +145,7 @@ def collect_timeout(timeout: datetime.timedelta | float | None = None) -> dateti
     if not math.isfinite(seconds) or seconds <= 0:
         raise ConfigurationError(
             f"{where}={value!r} is not a finite, positive number of seconds.",
-            hint=f"Give e.g. {where}=3600 (one hour), or leave it unset for the default of 24 hours.",
-        )
-    return datetime.timedelta(seconds=seconds)
-
-
-def stream_timeout() -> datetime.timedelta:
-    """Returns how long one step of a stream between nodes may take (``$PL_PRETRAIN_STREAM_TIMEOUT``, else 60 s).
-
-    Raises:
-        ConfigurationError: the value is not a finite, positive number of seconds.
-    """
-    text = os.environ.get(ENV_STREAM_TIMEOUT, "").strip()
-    if not text:
-        return DEFAULT_STREAM_TIMEOUT
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = math.nan
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise ConfigurationError(
-            f"{ENV_STREAM_TIMEOUT}={text!r} is not a finite, positive number of seconds.",
-            hint=f"Give e.g. {ENV_STREAM_TIMEOUT}=60, or leave it unset for the default of 60 s.",
+            hint=f"Give e.g. {where}={example}, or leave it unset for the default of {default}.",
         )
     return datetime.timedelta(seconds=seconds)
 
