@@ -12,8 +12,10 @@ it opens itself (`Receiver`), and nothing here knows what the files mean. The se
 file's sha256 as it reads and sends it after the last chunk; the sink checks its bytes against it
 before it keeps them.
 
-Failures: a rank that cannot read or write keeps the chain going (it sends zeros, or drops what it
-received) and reports its error at the end; a peer that dies or stops answering ends the stream on
+Failures: a rank that fails before the first byte (the sender cannot open a file or make its list,
+a receiver cannot check what it holds) says so in the exchanges that start the stream, so every rank
+of the chain stops at once; a rank that cannot read or write mid-stream keeps the chain going (it
+sends zeros, or drops what it received) and reports its error at the end; a peer that dies or stops answering ends the stream on
 its neighbours within the short timeout, and `stream_to_nodes` then makes every rank of the job
 raise one `PretrainerError` that names the rank that failed first.
 """
@@ -82,23 +84,28 @@ class _LostPeer(PretrainerError):
     """A neighbour in the chain died or stopped answering (`rank` is that neighbour)."""
 
 
+class _PeerFailed(_LostPeer):
+    """Another rank of the chain failed before the first byte (`rank` is that rank); its own error is the root cause."""
+
+
 def relay(
     chain: Sequence[int],
     group: Any,
-    items: Sequence[tuple[Any, pathlib.Path]] | None = None,
-    receiver: Receiver | None = None,
+    items: Callable[[], Sequence[tuple[Any, pathlib.Path]]] | None = None,
+    receiver: Callable[[], Receiver] | None = None,
     *,
     chunk_size: int | None = None,
     timeout: datetime.timedelta | None = None,
 ) -> None:
-    """Sends `items` (label, path) from ``chain[0]`` to every other rank of `chain`, on each rank of the chain.
+    """Sends the sender's files from ``chain[0]`` to every other rank of `chain`, on each rank of the chain.
 
-    The sender passes `items`; every other rank passes its `receiver`. Returns once this rank has
-    forwarded and placed everything.
+    The sender passes `items` (it gives the (label, path) of each file); every other rank passes
+    `receiver` (it gives its `Receiver`). Returns once this rank has forwarded and placed everything.
 
     Raises:
         PretrainerError: this rank could not read, write or verify a file (after the stream went on
-            for the others), or a neighbour died or stopped answering (`rank` names it).
+            for the others), another rank of the chain failed before the first byte (`rank` names
+            it), or a neighbour died or stopped answering (`rank` names it).
     """
     rank = dist.get_rank()
     position = list(chain).index(rank)
@@ -109,24 +116,93 @@ def relay(
         timeout or stream_timeout(),
     )
     chunk = chunk_size or stream_chunk_size()
-    buffers = [torch.empty(chunk, dtype=torch.uint8) for _ in range(2)]
     state = _State(fault=stream_fault())
 
-    manifest = _manifest(link, [(label, os.stat(path).st_size) for label, path in items or ()])
-    wanted = [receiver.wants(label, size) if receiver is not None else False for label, size in manifest]
+    # A rank that fails before the first byte still takes part in the two small exchanges below,
+    # with its error in place of its part: every rank of the chain then stops at once, instead of
+    # waiting out the stream timeout for bytes that will never come.
+    paths: list[pathlib.Path] = []
+    files: list[tuple[Any, int]] = []
+    sinks: Receiver | None = None
+    mine: list[tuple[Any, int]] | _Failed = files
+    try:
+        if link.prev is None:
+            for label, path in items() if items is not None else ():
+                paths.append(path)
+                files.append((label, _readable_size(path)))
+        elif receiver is not None:
+            sinks = receiver()
+    except Exception as error:
+        mine = _Failed(rank, error)
+    manifest = _manifest(link, mine)
+    if isinstance(manifest, _Failed):
+        raise manifest.here(rank)
+    wanted: list[bool] | _Failed = [False] * len(manifest)
+    try:
+        if isinstance(mine, _Failed):
+            wanted = mine
+        elif sinks is not None:
+            wanted = [sinks.wants(label, size) for label, size in manifest]
+    except Exception as error:
+        wanted = _Failed(rank, error)
     everyone: list[Any] = [None] * len(chain)
     with _talking_to(link.next if link.prev is None else link.prev, "the list of files to stream"):
         dist.all_gather_object(everyone, wanted, group=group)
-    paths = [path for _, path in items or ()]
+    failed = [part for part in everyone if isinstance(part, _Failed)]
+    if failed:
+        raise ([f for f in failed if f.rank == rank] or failed)[0].here(rank)
+    assert not isinstance(wanted, _Failed)
+
+    buffers = [torch.empty(chunk, dtype=torch.uint8) for _ in range(2)]
     for index, (label, size) in enumerate(manifest):
         if not any(flags[index] for flags in everyone):
             continue  # every node already holds it
         if link.prev is None:
             _send_file(link, paths[index], size, buffers, state)
         else:
-            _pass_file(link, label, size, receiver if wanted[index] else None, buffers, state)
+            _pass_file(link, label, size, sinks if wanted[index] else None, buffers, state)
     if state.error is not None:
         raise state.error
+
+
+class _Failed:
+    """A rank's part of an exchange before the stream, when that rank failed: its error, as a record."""
+
+    def __init__(self, rank: int, error: BaseException) -> None:
+        self.rank = rank
+        self.error: BaseException | None = error  # only on the rank that failed: it does not travel
+        self.record = record_for(error, rank=rank)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"rank": self.rank, "error": None, "record": self.record}
+
+    def here(self, rank: int) -> PretrainerError:
+        """Returns the error to raise on `rank`: the failure itself on the rank that failed, else a consequence of it."""
+        if rank == self.rank:
+            if isinstance(self.error, PretrainerError):
+                return self.error
+            own = error_from_record(self.record)
+            own.__cause__ = self.error
+            return own
+        cause = error_from_record(self.record)
+        return _PeerFailed(
+            f"Rank {self.rank} failed before the collected files were streamed to the other nodes: "
+            f"{cause.message.splitlines()[0] if cause.message else cause}",
+            rank=self.rank,
+            hint="That rank's own error is the root cause.",
+        )
+
+
+def _readable_size(path: pathlib.Path) -> int:
+    """Returns the size of the file at `path`, once it opened for reading (so that a file that cannot be read fails now)."""
+    try:
+        with open(path, "rb", buffering=0) as source:
+            return os.fstat(source.fileno()).st_size
+    except OSError as error:
+        raise PretrainerError(
+            f"Could not open '{path}' to stream it to the other nodes: {error}",
+            hint="The collected file must stay in place until every node has it; collect again.",
+        ) from error
 
 
 @dataclass
@@ -155,8 +231,8 @@ class _State:
             os.kill(os.getpid(), signal.SIGSTOP)
 
 
-def _manifest(link: _Link, mine: list[tuple[Any, int]]) -> list[tuple[Any, int]]:
-    """Returns the sender's (label, size) list on every rank of the chain, passed along it."""
+def _manifest(link: _Link, mine: list[tuple[Any, int]] | _Failed) -> list[tuple[Any, int]] | _Failed:
+    """Returns the sender's (label, size) list (or its failure) on every rank of the chain, passed along it."""
     if link.prev is None:
         payload = torch.frombuffer(bytearray(pickle.dumps(mine)), dtype=torch.uint8)
         length = torch.tensor([payload.numel()], dtype=torch.int64)
@@ -330,14 +406,7 @@ def stream_to_nodes(
     local_error: BaseException | None = None
     if rank in chain:
         try:
-            relay(
-                chain,
-                group,
-                items() if items is not None else None,
-                receiver() if receiver is not None else None,
-                chunk_size=chunk_size,
-                timeout=timeout,
-            )
+            relay(chain, group, items, receiver, chunk_size=chunk_size, timeout=timeout)
         except Exception as error:
             local_error = error
             outcome = (record_for(error, rank=rank), isinstance(error, _LostPeer))

@@ -15,7 +15,7 @@ import subprocess
 import time
 from typing import Any
 
-from pl_pretrain import PretrainerError
+from pl_pretrain import FetchError, PretrainerError
 from pl_pretrain.fetching import Fetched, FetchFrom
 from pl_pretrain.fetching.arrival import Arrival, holds
 
@@ -52,11 +52,19 @@ def _like(label: dict[str, Any], size: int) -> Fetched:
 
 
 def stream_files(
-    rank: int, root: str, names: list[str], chain: list[int], chunk: int, known_sha256: bool = False
+    rank: int,
+    root: str,
+    names: list[str],
+    chain: list[int],
+    chunk: int,
+    known_sha256: bool = False,
+    list_fails: bool = False,
 ) -> dict[str, Any]:
     """Rank chain[0] sends root/sender/<name>; the other ranks of the chain receive into root/rank<r>/.
 
     With `known_sha256` the sender announces each file's sha256, so a receiver that holds it already skips it.
+    With `list_fails` the sender cannot make its list of files (what a shard missing from the
+    collection folder does in the Pretrainer).
     """
     from pl_pretrain import stream
     from pl_pretrain.fetching import file_sha256
@@ -65,6 +73,8 @@ def stream_files(
     mine = pathlib.Path(root) / f"rank{rank}"
 
     def items() -> list[tuple[dict[str, Any], pathlib.Path]]:
+        if list_fails:
+            raise FetchError(f"The shard '{sender / names[0]}' is not in the collection folder.", key="encoder")
         return [({"name": n, "sha256": file_sha256(sender / n) if known_sha256 else None}, sender / n) for n in names]
 
     if os.environ.get("PL_PRETRAIN_TEST_STREAM_FAULT", "").startswith("stop:"):

@@ -76,3 +76,29 @@ def test_a_stopped_receiver_is_noticed_within_the_stream_timeout(tmp_path):
         assert "Rank 1 died or stopped while the collected files were streamed" in outcome["text"]
         assert outcome["raised_at"] - outcome["started"] < 15, "the stopped peer was not noticed within the bound"
     assert not (tmp_path / "rank2" / "weights.bin").exists()
+
+
+@pytest.mark.parametrize("failure", ["file cannot be opened", "list of files fails"])
+def test_a_sender_that_fails_before_its_first_byte_fails_every_rank_at_once(tmp_path, failure):
+    # The sender's file is gone (or its list of files cannot be made) before any byte is sent: every
+    # rank raises the sender's root cause within seconds, not after the stream timeout (30 s here).
+    _publish(tmp_path, {"weights.bin": os.urandom(MiB)})
+    names = ["weights.bin", "gone.bin"] if failure == "file cannot be opened" else ["weights.bin"]
+    results = run_ranks(
+        stream_jobs.stream_files,
+        3,
+        args=(str(tmp_path), names, [0, 1, 2], MiB, False, failure == "list of files fails"),
+        env={"PL_PRETRAIN_STREAM_TIMEOUT": "30"},
+        timeout=150,
+    )
+    outcomes = assert_all_ok(results)
+    cause = "Could not open '" if failure == "file cannot be opened" else "is not in the collection folder"
+    assert len({o["text"] for o in outcomes}) == 1, [o["text"] for o in outcomes]
+    for rank, outcome in enumerate(outcomes):
+        assert outcome["error"] == ("PretrainerError" if failure == "file cannot be opened" else "FetchError"), outcome
+        assert outcome["rank_in_error"] == 0, outcome
+        assert cause in outcome["text"] and "rank 0" in outcome["text"], outcome["text"]
+        waited = outcome["raised_at"] - outcome["started"]
+        assert waited < 8, f"rank {rank} learned of the sender's failure only after {waited:.1f} s"
+    for rank in (1, 2):
+        assert not (tmp_path / f"rank{rank}" / "weights.bin").exists()  # nothing placed: the stream never began
