@@ -181,6 +181,9 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=4, help="--stream: chunk size in MiB")
     parser.add_argument("--repeats", type=int, default=3, help="--stream: streams of the large file per run")
     parser.add_argument("--nodes", type=int, nargs="+", default=[2, 3, 4], help="--stream: node counts")
+    parser.add_argument(
+        "--no-source", action="store_true", help="--stream: skip the requests-at-the-source part (collections)"
+    )
     args = parser.parse_args()
     if args.stream:
         run_stream_bench(args)
@@ -280,37 +283,24 @@ def write_report(args, payload: bytes, rows: list[dict], fanouts: dict[int, floa
 # ------------------------------------------------------------------------------------------------
 
 
-def _rss_kib() -> int:
-    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
-def _peak_kib() -> int:
-    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return 0
-
-
-def stream_job(rank: int, root: str, repeats: int, chunk: int) -> list[dict]:
-    """Rank 0 streams root/sender/big.bin to every other rank (a node each) `repeats` times."""
+def stream_job(rank: int, root: str, repeats: int, chunk: int) -> dict:
+    """Rank 0 streams root/sender/big.bin to every other rank (a node each) `repeats` times, after a small warm-up stream."""
     import datetime
 
     import torch.distributed as dist
-    from stream_jobs import FolderReceiver  # the tests' receiver: the real Arrival into a folder
+    from stream_jobs import FolderReceiver, start_measuring, warm_up  # the tests' receiver and measures
 
     from pl_pretrain import stream
 
     chain = list(range(dist.get_world_size()))
     sender = pathlib.Path(root) / "sender" / "big.bin"
     mine = pathlib.Path(root) / f"rank{rank}"
+    # The first stream of a process also reads libtorch's and gloo's code into memory (file-backed,
+    # shared): measured apart, so that each run's figure is the stream's own memory.
+    first = warm_up(root, chain, chunk)
     runs = []
     for _ in range(repeats):
-        # Reset this process's peak RSS (Linux: 5 > clear_refs), so the peak is the stream's own.
-        pathlib.Path("/proc/self/clear_refs").write_text("5")
-        base = _rss_kib()
+        base = start_measuring()  # freed memory given back, peak RSS reset (Linux)
         dist.barrier()
         started = time.time()
         stream.stream_to_nodes(
@@ -322,19 +312,29 @@ def stream_job(rank: int, root: str, repeats: int, chunk: int) -> list[dict]:
         )
         runs.append({"started": started, "finished": time.time(), "peak_growth_kib": _peak_kib() - base})
         dist.barrier()
-    return runs
+    return {"runs": runs, "first": first}
+
+
+def _peak_kib() -> int:
+    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
 
 
 def stream_runs(root: pathlib.Path, nodes: int, repeats: int, chunk: int) -> list[dict]:
     per_rank = assert_all_ok(run_ranks(stream_job, nodes, args=(str(root), repeats, chunk), timeout=1800))
     out = []
     for i in range(repeats):
-        runs = [r[i] for r in per_rank]
+        runs = [r["runs"][i] for r in per_rank]
         out.append(
             {
                 "wall": max(r["finished"] for r in runs) - min(r["started"] for r in runs),
                 "peak_mib": max(r["peak_growth_kib"] for r in runs) / 1024,
                 "peaks_mib": [r["peak_growth_kib"] / 1024 for r in runs],
+                "first_mib": [
+                    (r["first"]["peak_growth_kib"] / 1024, r["first"]["file_growth_kib"] / 1024) for r in per_rank
+                ],
             }
         )
     return out
@@ -385,7 +385,9 @@ def run_stream_bench(args) -> None:
             for _ in range(args.stream_size):
                 f.write(os.urandom(2**20))
         size = args.stream_size * 2**20
+        args.load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
         big = stream_runs(work, 2, args.repeats, chunk)
+        args.load_after = " ".join(f"{x:.1f}" for x in os.getloadavg())
         for run in big:
             print(f"2 nodes: {size / 2**20 / run['wall']:.0f} MiB/s, peak growth {run['peak_mib']:.1f} MiB", flush=True)
         scaling = {}
@@ -398,7 +400,7 @@ def run_stream_bench(args) -> None:
         torch.save(make_model(args.size).state_dict(), buffer)
         payload = buffer.getvalue()
         server = CappedServer(payload, args.bandwidth * 1e6)
-        sources = [row for nodes in (2, 4) for row in source_runs(server, nodes, args.size, work)]
+        sources = [] if args.no_source else [row for n in (2, 4) for row in source_runs(server, n, args.size, work)]
     write_stream_report(args, size, chunk, big, scaling, sources, len(payload))
 
 
@@ -427,7 +429,9 @@ def write_stream_report(
         f"## One {size / 2**20:.0f} MiB file, 2 nodes, {chunk / 2**20:.0f} MiB chunks",
         "",
         "Wall time from a barrier to the last rank done (the received file checked, fsynced, renamed and recorded); "
-        "memory is each rank's peak RSS growth during the stream (peak reset before it).",
+        "memory is each rank's peak RSS growth during the stream (memory freed earlier given back with "
+        "`malloc_trim`, then the peak reset, before it), after a small warm-up stream in the same processes. "
+        f"Load average when the runs began: {args.load_before}; when they ended: {args.load_after}.",
         "",
         "| run | MiB/s | peak memory growth, sender / receiver (MiB) |",
         "|---:|---:|---|",
@@ -438,6 +442,12 @@ def write_stream_report(
         "",
         f"Median **{median:.0f} MiB/s** (target >= 150); peak memory growth **{peak:.1f} MiB** "
         f"(target <= 2 x chunk + 8 MiB = {budget:.0f} MiB) for a {size / 2**20:.0f} MiB file.",
+        "",
+        "The first stream of each process (the warm-up, a file of one chunk and a byte) also reads libtorch's "
+        "and gloo's code into memory: peak growth / of which file-backed code pages (RssFile, shared with every "
+        "process on the machine, not private), sender then receiver: "
+        + ", ".join(f"{peak:.1f} / {code:.1f} MiB" for peak, code in big[0]["first_mib"])
+        + ".",
         "",
         "## The stream's time against the number of nodes",
         "",
