@@ -141,13 +141,25 @@ def collect_unless_absent(rank: int, cell: dict[str, Any], absent: dict[int, str
 def collect_while_a_waiting_rank_is_killed(
     rank: int, cell: dict[str, Any], victim: int, after_s: float
 ) -> dict[str, Any]:
-    """Every rank collects; rank `victim` (waiting, not fetching) is killed -9 `after_s` seconds into the collection."""
+    """Every rank collects; rank `victim` (waiting, not fetching) is killed -9 `after_s` seconds after the download began."""
     import signal
     import threading
 
+    def kill_once_the_download_runs() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not _download_began(cell["collect_in"]):
+            time.sleep(0.05)
+        time.sleep(after_s)
+        os.kill(os.getpid(), signal.SIGKILL)
+
     if rank == victim:
-        threading.Timer(after_s, os.kill, args=(os.getpid(), signal.SIGKILL)).start()
-    return {**_outcome(rank, cell), "victim_killed_after": after_s}
+        threading.Thread(target=kill_once_the_download_runs, daemon=True).start()
+    return _outcome(rank, cell)
+
+
+def _download_began(folder: str) -> bool:
+    # The fetching rank writes the body into a partial or temporary file as it arrives.
+    return any(".partial" in name or name.endswith(".tmp") for _, _, names in os.walk(folder) for name in names)
 
 
 def collect_drifting(rank: int, cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
