@@ -14,8 +14,9 @@ Wall time runs from a barrier to the last rank holding the file on disk (nothing
 object is random bytes). The proxy counts the GETs of the object's bytes and the MiB it served.
 Writes docs/benchmarks/objectstore.md and docs/benchmarks/objectstore.png.
 
-    python scripts/bench_objectstore.py                   # 256 MiB, 1 2 4 8 ranks, best of 3 at 1 rank
+    python scripts/bench_objectstore.py                   # 256 MiB, 1 2 4 8 ranks, median of 3 at 1 rank
     python scripts/bench_objectstore.py --size 32 --ranks 1 2
+    python scripts/bench_objectstore.py --rank-size 32     # the N-rank comparison on a 32 MiB object
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from dist import assert_all_ok, run_ranks  # noqa: E402  (the tests' gloo harnes
 from objectstores import Proxy, _s3_error, _s3_is_body  # noqa: E402  (the tests' counting proxy)
 
 KEY = "bench/model.bin"
+RANKS_KEY = "bench/model-ranks.bin"  # with --rank-size
+ONE_RANK_MODES = ("s3fs", "s3fs-1-stream", "pl_pretrain")
 
 
 def job(rank: int, mode: str, url: str, folder: str) -> dict:
@@ -97,6 +100,7 @@ def start_moto() -> tuple[subprocess.Popen, str]:
 
 
 def run(proxy: Proxy, world: int, mode: str, url: str, work: pathlib.Path, size: int) -> dict:
+    key = url.split("/", 3)[3]
     folder = work / f"{mode}-{world}"
     shutil.rmtree(folder, ignore_errors=True)
     proxy.reset()
@@ -110,7 +114,8 @@ def run(proxy: Proxy, world: int, mode: str, url: str, work: pathlib.Path, size:
         "world": world,
         "mode": mode,
         "wall": max(r["finished"] for r in results) - min(r["started"] for r in results),
-        "gets": proxy.body_gets(KEY),
+        "gets": proxy.body_gets(key),
+        "size": size,
         "requests": proxy.count(),
         "served": served,
         "errors": len(errors),
@@ -122,7 +127,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=256, help="object size in MiB")
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--repeat", type=int, default=3, help="runs of each 1-rank measurement (the best counts)")
+    parser.add_argument(
+        "--rank-size",
+        type=int,
+        default=None,
+        help="object size in MiB for the N-rank comparison (default: --size); every rank reading 256 MiB at 8 ranks "
+        "takes many minutes on a loaded 2-core box",
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="runs of each 1-rank measurement, interleaved (the median counts)"
+    )
     parser.add_argument("--out", type=pathlib.Path, default=REPO / "docs" / "benchmarks")
     args = parser.parse_args()
 
@@ -145,35 +159,45 @@ def main() -> None:
         client.create_bucket(Bucket="models")
         client.put_object(Bucket="models", Key=KEY, Body=os.urandom(size))
         url = f"s3://models/{KEY}"
+        rank_size = (args.rank_size or args.size) * 2**20
+        rank_url = url
+        if rank_size != size:
+            client.put_object(Bucket="models", Key=RANKS_KEY, Body=os.urandom(rank_size))
+            rank_url = f"s3://models/{RANKS_KEY}"
         with tempfile.TemporaryDirectory(prefix="bench_objectstore_") as tmp:
             work = pathlib.Path(tmp)
-            for mode in ("s3fs", "s3fs-1-stream", "pl_pretrain"):
-                runs = [run(proxy, 1, mode, url, work, size) for _ in range(args.repeat)]
-                best = min(runs, key=lambda r: r["wall"])
-                best["all"] = [r["wall"] for r in runs]
-                rows.append(best)
-                print(
-                    f"1 rank  {mode:14s} best {best['wall']:6.2f} s of {[f'{w:.2f}' for w in best['all']]}", flush=True
-                )
-            for world in [w for w in args.ranks if w > 1]:
+            load_before = os.getloadavg()
+            # The machine is shared: the three clients take turns within each repeat, so that a
+            # burst of someone else's load falls on all of them; the median of the repeats counts.
+            ones: dict[str, list[dict]] = {mode: [] for mode in ONE_RANK_MODES}
+            for repeat in range(args.repeat):
+                for mode in ONE_RANK_MODES:
+                    row = run(proxy, 1, mode, url, work, size)
+                    ones[mode].append(row)
+                    print(f"1 rank  {mode:14s} run {repeat + 1}: {row['wall']:6.2f} s, GETs {row['gets']}", flush=True)
+            for runs in ones.values():
+                middle = sorted(runs, key=lambda r: r["wall"])[len(runs) // 2]
+                rows.append({**middle, "all": [r["wall"] for r in runs]})
+            for world in [w for w in args.ranks if w > 1 or rank_size != size]:
                 for mode in ("s3fs", "pl_pretrain"):
-                    row = run(proxy, world, mode, url, work, size)
-                    rows.append(row)
+                    row = run(proxy, world, mode, rank_url, work, rank_size)
+                    rows.append({**row, "section": "ranks"})
                     print(
                         f"{world} ranks {mode:14s} wall {row['wall']:6.2f} s GETs {row['gets']:3d} "
                         f"served {row['served'] / 2**20:7.0f} MiB ranks failed {row['errors']}",
                         flush=True,
                     )
+            load = (load_before, os.getloadavg())
     finally:
         proxy.stop()
         server.terminate()
         server.wait(10)
-    write_report(args, rows, size)
+    write_report(args, rows, size, load)
 
 
-def write_report(args, rows: list[dict], size: int) -> None:
+def write_report(args, rows: list[dict], size: int, load: tuple[tuple[float, ...], tuple[float, ...]]) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
-    one = {r["mode"]: r for r in rows if r["world"] == 1}
+    one = {r["mode"]: r for r in rows if r["world"] == 1 and "section" not in r}
     mib = size / 2**20
 
     def rate(row: dict) -> float:
@@ -189,13 +213,18 @@ def write_report(args, rows: list[dict], size: int) -> None:
         "",
         "```",
         f"python scripts/bench_objectstore.py --size {args.size} --ranks {' '.join(map(str, args.ranks))} "
-        f"--repeat {args.repeat}",
+        f"--repeat {args.repeat}" + (f" --rank-size {args.rank_size}" if args.rank_size else ""),
         "```",
         "",
-        f"## One rank (best of {args.repeat})",
+        f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Load average (1, 5, 15 min) "
+        f"{' '.join(f'{x:.1f}' for x in load[0])} at the start, {' '.join(f'{x:.1f}' for x in load[1])} at the end, "
+        f"on {os.cpu_count()} CPU cores shared with other work: absolute figures are low and noisy; "
+        "the ratios, from clients measured in turns, are what to read.",
         "",
-        "| client | wall s | MiB/s | of s3fs's throughput | GETs of the object | all requests |",
-        "|---|---:|---:|---:|---:|---:|",
+        f"## One rank (median of {args.repeat}, the clients in turns)",
+        "",
+        "| client | wall s (median) | every run, s | MiB/s | of s3fs's throughput | GETs of the object | all requests |",
+        "|---|---:|---|---:|---:|---:|---:|",
     ]
     for label, row in (
         ("s3fs `get_file` (defaults: 50 MiB parts, 10 at a time)", direct),
@@ -203,19 +232,35 @@ def write_report(args, rows: list[dict], size: int) -> None:
         ("pl_pretrain `collect_files`", ours),
     ):
         lines.append(
-            f"| {label} | {row['wall']:.2f} | {rate(row):.0f} | {direct['wall'] / row['wall'] * 100:.0f} % | "
-            f"{row['gets']} | {row['requests']} |"
+            f"| {label} | {row['wall']:.2f} | {', '.join(f'{w:.2f}' for w in row['all'])} | {rate(row):.0f} | "
+            f"{direct['wall'] / row['wall'] * 100:.0f} % | {row['gets']} | {row['requests']} |"
         )
+    ratios = [d / o * 100 for d, o in zip(direct["all"], ours["all"], strict=True)]
+    by = {(r["world"], r["mode"]): r for r in rows if r["world"] == 1 and "section" not in r}
+    by.update({(r["world"], r["mode"]): r for r in rows if "section" in r})
+    worlds = [1] + [w for w in args.ranks if w > 1]
+    rank_mib = by[(worlds[-1], "pl_pretrain")]["size"] / 2**20
     lines += [
         "",
-        "## N ranks: every rank reads the object, or pl_pretrain reads it once",
+        f"pl_pretrain's throughput is **{direct['wall'] / ours['wall'] * 100:.0f} %** of the direct s3fs `get_file` "
+        f"(median against median; run by run {', '.join(f'{r:.0f}' for r in ratios)} %; target >= 80 %) and "
+        f"{single['wall'] / ours['wall'] * 100:.0f} % of s3fs with one stream.",
+        "",
+        "Why the default s3fs `get_file` is the slower one here: above its 50 MiB block size it opens a first GET "
+        "(closed after its headers), then reads 50 MiB ranged GETs 10 at a time, whose streams compete for the "
+        "same 2 cores as moto and the proxy. pl_pretrain asks for one stream (`max_concurrency=1`, as the second "
+        "row) and on top makes one metadata request, fsyncs the file before renaming it into place and writes "
+        "its record; what remains between it and the one-stream s3fs is within the noise of this machine.",
+    ]
+    lines += [
+        "",
+        f"## N ranks: every rank reads the object, or pl_pretrain reads it once (a {rank_mib:.0f} MiB object, one run "
+        "each)",
         "",
         "| ranks | GETs (every rank / ours) | MiB served (every rank / ours) | wall s (every rank / ours) | time ratio "
         "| ranks that failed (every rank / ours) |",
         "|---:|---:|---:|---:|---:|---:|",
     ]
-    by = {(r["world"], r["mode"]): r for r in rows}
-    worlds = [1] + [w for w in args.ranks if w > 1]
     for world in worlds:
         n, o = by[(world, "s3fs")], by[(world, "pl_pretrain")]
         lines.append(
@@ -255,7 +300,7 @@ def write_report(args, rows: list[dict], size: int) -> None:
         ax.set_xlabel("ranks")
         ax.set_ylabel(label)
         ax.legend()
-    fig.suptitle(f"A {mib:.0f} MiB object from S3 (moto on loopback)")
+    fig.suptitle(f"A {rank_mib:.0f} MiB object from S3 (moto on loopback), 1 to {worlds[-1]} ranks")
     fig.tight_layout()
     fig.savefig(args.out / "objectstore.png", dpi=110)
     print(f"wrote {args.out / 'objectstore.md'} and {args.out / 'objectstore.png'}")
