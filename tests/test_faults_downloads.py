@@ -120,11 +120,13 @@ def test_url_killed_mid_download_resumes_on_the_next_run(tmp_path, http_server, 
         stderr=subprocess.PIPE,
     )
     try:
-        deadline = time.monotonic() + 60
+        # a process's start (torch, pl_pretrain) takes a minute and more on a loaded two-core machine
+        deadline = time.monotonic() + 180
         while http_server.arrivals("GET", "encoder.ckpt") == 0 and child.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(2.0)  # a few chunks in
         assert child.poll() is None, f"the job ended before it could be killed: {child.stderr.read().decode()}"
+        assert http_server.arrivals("GET", "encoder.ckpt"), "the job did not reach the server within 180 s"
         os.kill(child.pid, signal.SIGKILL)
     finally:
         child.kill()
