@@ -302,7 +302,7 @@ def stream_job(rank: int, root: str, repeats: int, chunk: int) -> dict:
     for _ in range(repeats):
         base = start_measuring()  # freed memory given back, peak RSS reset (Linux)
         dist.barrier()
-        started = time.time()
+        started, cpu = time.time(), time.process_time()
         stream.stream_to_nodes(
             chain,
             (lambda: [({"name": "big.bin"}, sender)]) if rank == 0 else None,
@@ -310,7 +310,14 @@ def stream_job(rank: int, root: str, repeats: int, chunk: int) -> dict:
             wait=datetime.timedelta(minutes=30),
             chunk_size=chunk,
         )
-        runs.append({"started": started, "finished": time.time(), "peak_growth_kib": _peak_kib() - base})
+        runs.append(
+            {
+                "started": started,
+                "finished": time.time(),
+                "cpu": time.process_time() - cpu,  # every thread of this rank: hashing, writing, gloo
+                "peak_growth_kib": _peak_kib() - base,
+            }
+        )
         dist.barrier()
     return {"runs": runs, "first": first}
 
@@ -330,6 +337,7 @@ def stream_runs(root: pathlib.Path, nodes: int, repeats: int, chunk: int) -> lis
         out.append(
             {
                 "wall": max(r["finished"] for r in runs) - min(r["started"] for r in runs),
+                "cpu": [r["cpu"] for r in runs],
                 "peak_mib": max(r["peak_growth_kib"] for r in runs) / 1024,
                 "peaks_mib": [r["peak_growth_kib"] / 1024 for r in runs],
                 "first_mib": [
@@ -374,8 +382,19 @@ def source_runs(server: CappedServer, nodes: int, size_mib: int, work: pathlib.P
     return rows
 
 
+def _write_rate(source: pathlib.Path, probe: pathlib.Path) -> float:
+    """MiB/s of one process copying `source` (in the page cache) to `probe` and fsyncing it: the disk's rate."""
+    started = time.perf_counter()
+    with open(source, "rb") as f, open(probe, "wb") as out:
+        shutil.copyfileobj(f, out, 4 * 2**20)
+        out.flush()
+        os.fsync(out.fileno())
+    rate = source.stat().st_size / 2**20 / (time.perf_counter() - started)
+    probe.unlink()
+    return rate
+
+
 def run_stream_bench(args) -> None:
-    import statistics
 
     chunk = args.chunk * 2**20
     with tempfile.TemporaryDirectory(prefix="bench_stream_", dir=os.environ.get("BENCH_TMP")) as tmp:
@@ -385,6 +404,7 @@ def run_stream_bench(args) -> None:
             for _ in range(args.stream_size):
                 f.write(os.urandom(2**20))
         size = args.stream_size * 2**20
+        args.disk_rate = _write_rate(work / "sender" / "big.bin", work / "disk-probe.bin")
         args.load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
         big = stream_runs(work, 2, args.repeats, chunk)
         args.load_after = " ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -393,8 +413,9 @@ def run_stream_bench(args) -> None:
         scaling = {}
         for nodes in args.nodes:
             runs = big if nodes == 2 else stream_runs(work, nodes, 1, chunk)
-            scaling[nodes] = statistics.median(r["wall"] for r in runs)
-            print(f"{nodes} nodes: stream wall {scaling[nodes]:.2f} s", flush=True)
+            run = sorted(runs, key=lambda r: r["wall"])[len(runs) // 2]  # the median run
+            scaling[nodes] = (run["wall"], run["cpu"])
+            print(f"{nodes} nodes: stream wall {run['wall']:.2f} s, CPU s per rank {run['cpu']}", flush=True)
         shutil.rmtree(work / "sender")
         buffer = io.BytesIO()
         torch.save(make_model(args.size).state_dict(), buffer)
@@ -453,16 +474,30 @@ def write_stream_report(
         "",
         "The same file, rank 0 then one rank per node in a chain; each rank forwards a chunk while it writes it.",
         "",
-        "| nodes | wall s | x the 2-node time |",
-        "|---:|---:|---:|",
+        "| nodes | wall s | x the 2-node time | CPU s per rank (sender first) | CPU-bound floor: all ranks' CPU / "
+        "cores, s | MiB written by all receivers / wall (MiB/s) |",
+        "|---:|---:|---:|---|---:|---:|",
     ]
-    base = scaling[min(scaling)]
-    lines += [f"| {n} | {w:.2f} | {w / base:.2f} |" for n, w in scaling.items()]
+    cores = os.cpu_count() or 1
+    base = scaling[min(scaling)][0]
+    for n, (wall, cpu) in scaling.items():
+        floor = sum(cpu) / min(cores, n)
+        written = (n - 1) * size / 2**20
+        lines.append(
+            f"| {n} | {wall:.2f} | {wall / base:.2f} | {', '.join(f'{c:.2f}' for c in cpu)} | {floor:.2f} "
+            f"| {written / wall:.0f} |"
+        )
     lines += [
         "",
-        "On this machine every rank hashes and writes the whole file, and all of them share 2 cores: a wall time "
-        "that grows here beyond the 2-core count measures the CPU, not the protocol (rank 0 sends each byte once, "
-        "whatever the number of nodes).",
+        f"All simulated nodes run on this one machine ({cores} cores, one disk, one memory bus; one process copies "
+        f"the file to this disk and fsyncs it at {args.disk_rate:.0f} MiB/s). Each rank's CPU time stays about the "
+        "same whatever the number of nodes (the sender sends each byte once; each receiver forwards a chunk while "
+        "it hashes and writes it): the work per node is constant. What the nodes share is the machine: every "
+        "receiver writes and fsyncs the whole file to the same disk, and the bytes that all receivers together "
+        "take in per second (last column) stay about constant as nodes are added. So the wall time grows here "
+        "with the node count because the simulated nodes share one machine; on real nodes, each receiving, "
+        "hashing and writing on its own, the chain's wall time stays near the 2-node time plus one chunk per "
+        "extra hop. This is measured for the machine, argued for the protocol: it needs nodes of their own to show.",
     ]
     if sources:
         lines += [
@@ -488,8 +523,15 @@ def write_stream_report(
 
     fig, axes = plt.subplots(1, 2 if sources else 1, figsize=(10 if sources else 5, 4), squeeze=False)
     ax = axes[0][0]
-    ax.plot(list(scaling), list(scaling.values()), "o-", color="#4c72b0", label="stream (chain)")
+    ax.plot(list(scaling), [wall for wall, _ in scaling.values()], "o-", color="#4c72b0", label="stream (chain)")
     ax.plot(list(scaling), [base * (n - 1) for n in scaling], "--", color="#c44e52", label="linear in receivers")
+    ax.plot(
+        list(scaling),
+        [sum(cpu) / min(cores, n) for n, (_, cpu) in scaling.items()],
+        ":",
+        color="#55a868",
+        label=f"CPU-bound floor ({cores} cores)",
+    )
     ax.set_xlabel("nodes")
     ax.set_ylabel("wall time (s)")
     ax.set_xticks(list(scaling))
