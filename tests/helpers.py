@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import pathlib
+import socket
 
 import torch
 
@@ -51,3 +52,10 @@ def digest(mod: torch.nn.Module) -> str:
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def free_port() -> int:
+    """Returns a TCP port on 127.0.0.1 that nothing listens on now (for a store, a server or MASTER_PORT)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from helpers import free_port
 from servers import Fault, Request
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -64,12 +65,6 @@ def _absent(what: str) -> None:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"CI must run the object-store tests, but {message}")
     pytest.skip(message)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_for_port(port: int, timeout: float, process: subprocess.Popen | None = None) -> None:
@@ -445,7 +440,7 @@ def start_gcs() -> Store:
     except ImportError:
         _absent("gcp-storage-emulator and gcsfs are not installed")
     logging.getLogger("gcp_storage_emulator").setLevel(logging.ERROR)
-    port = _free_port()
+    port = free_port()
     server = create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
     server.start()
     direct = f"http://127.0.0.1:{port}"
@@ -519,7 +514,7 @@ def start_azure() -> Store:
         _absent("adlfs is not installed")
     if binary is None or shutil.which("node") is None:
         _absent("Azurite (azurite-blob) or node is not installed")
-    port = _free_port()
+    port = free_port()
     workspace = tempfile.mkdtemp(prefix="azurite_")
     process = subprocess.Popen(
         [

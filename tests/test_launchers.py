@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
 import pytest
 from dist import can_unshare
-from helpers import ckpt_bytes, digest
+from helpers import ckpt_bytes, digest, free_port
 from lightning_models import encoder
 
 # Every test here starts other processes (ranks, launchers): not in the fast loop.
@@ -175,12 +174,6 @@ def test_plain_torchrun_example(tmp_path, http_server):
     assert "rank 0 loaded 4 tensors" in result.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @needs_root
 def test_two_lightning_nodes_that_do_not_share_a_folder(tmp_path, http_server, published):
     # Two "nodes" launched by hand (NODE_RANK, MASTER_ADDR/PORT), each with its own tmpfs at the
@@ -189,7 +182,7 @@ def test_two_lightning_nodes_that_do_not_share_a_folder(tmp_path, http_server, p
     records = tmp_path / "records"
     private = tmp_path / "node_disk"
     private.mkdir()
-    port = _free_port()
+    port = free_port()
     script = (
         f"mount --make-rprivate / && mount -t tmpfs -o size=64m tmpfs {private} && "
         f"exec {sys.executable} {JOB} --source {source} --collect-in {private}/collect --strategy ddp "
@@ -255,7 +248,7 @@ def test_a_job_that_ends_without_teardown_leaves_no_group_of_ours_to_the_interpr
     (source / "encoder.ckpt").write_bytes(ckpt_bytes(encoder(seed=SEED)))
     out = tmp_path / "out"
     out.mkdir()
-    port = str(_free_port())
+    port = str(free_port())
     procs = [
         subprocess.Popen(
             [sys.executable, str(REPO / "tests" / "scripts" / "exit_without_teardown.py"), str(source), str(out)],

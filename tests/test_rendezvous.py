@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ import time
 import pytest
 import rank_jobs
 from dist import assert_all_ok, run_ranks
-from helpers import ckpt_bytes, digest, module
+from helpers import ckpt_bytes, digest, free_port, module
 from lightning_models import encoder
 from servers import Fault
 
@@ -39,12 +38,6 @@ def _source(tmp_path: pathlib.Path, seed: int = 1) -> str:
     folder.mkdir(exist_ok=True)
     (folder / "encoder.ckpt").write_bytes(ckpt_bytes(module(seed)))
     return str(folder)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------------
@@ -91,7 +84,7 @@ def _by_hand(tmp_path: pathlib.Path, world: int, absent: dict[int, str]) -> tupl
             }
         )
     )
-    port = _free_port()
+    port = free_port()
     procs = [
         subprocess.Popen(
             [sys.executable, str(SCRIPTS / "rank_by_hand.py"), str(spec), str(out)],
@@ -146,7 +139,7 @@ def test_hand_launched_ranks_with_one_lost_all_raise(tmp_path, lost):
 def test_two_hand_launched_lightning_nodes_one_lost_before_the_collection(tmp_path, http_server, how):
     http_server.add("models/encoder.ckpt", ckpt_bytes(encoder(seed=3)))
     records = tmp_path / "records"
-    port = _free_port()
+    port = free_port()
     procs = []
     for node in (0, 1):
         env = {
